@@ -1,0 +1,9 @@
+//! easel: Stable Diffusion 1.x text-to-image on candle, step-for-step equal to HF diffusers.
+//!
+//! Data flows one way: a [`pipeline::GenerationRequest`] goes into a loaded
+//! [`pipeline::Pipeline`], which returns images plus the metadata that produced them; the
+//! [`output`] module writes them. The library never prints: progress is reported through a
+//! callback and the binary owns the terminal.
+
+pub mod rng;
+pub mod scheduler;

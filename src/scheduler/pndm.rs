@@ -1,0 +1,148 @@
+//! PNDM with `skip_prk_steps` (pseudo linear multistep), Stable Diffusion 1.x's default
+//! sampler. Mirrors diffusers' `PNDMScheduler.step_plms`, including its quirk of evaluating
+//! the second timestep twice (n steps are n + 1 UNet calls).
+
+use super::{alpha_at, alphas_cumprod, betas, discrete_timesteps, PredictionType, Scheduler, SchedulerConfig};
+use crate::rng::NoiseSource;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+pub struct Pndm {
+    config: SchedulerConfig,
+    alphas_cumprod: Vec<f64>,
+    final_alpha_cumprod: f64,
+    prediction: PredictionType,
+    steps: usize,
+    timesteps: Vec<f64>,
+    /// The last (up to) four model outputs, oldest first.
+    ets: Vec<Tensor>,
+    counter: usize,
+    cur_sample: Option<Tensor>,
+}
+
+impl Pndm {
+    pub fn new(config: &SchedulerConfig) -> Result<Self> {
+        if !config.skip_prk_steps.unwrap_or(false) {
+            bail!("PNDM without skip_prk_steps (Runge-Kutta warm-up) is not supported; Stable Diffusion 1.x configs set skip_prk_steps, or pick another --scheduler");
+        }
+        let alphas_cumprod = alphas_cumprod(&betas(config)?);
+        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(false) {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
+        let prediction = config.prediction_type()?;
+        if prediction == PredictionType::Sample {
+            bail!("PNDM supports prediction_type epsilon and v_prediction, not sample");
+        }
+        Ok(Self {
+            config: config.clone(),
+            alphas_cumprod,
+            final_alpha_cumprod,
+            prediction,
+            steps: 0,
+            timesteps: Vec::new(),
+            ets: Vec::new(),
+            counter: 0,
+            cur_sample: None,
+        })
+    }
+
+    fn prev_sample(&self, sample: &Tensor, t: i64, prev_t: i64, model_output: &Tensor) -> Result<Tensor> {
+        let a_t = alpha_at(&self.alphas_cumprod, t)?;
+        let a_prev = if prev_t >= 0 {
+            alpha_at(&self.alphas_cumprod, prev_t)?
+        } else {
+            self.final_alpha_cumprod
+        };
+        let beta_t = 1.0 - a_t;
+        let beta_prev = 1.0 - a_prev;
+        let model_output = match self.prediction {
+            PredictionType::VPrediction => ((model_output * a_t.sqrt())? + (sample * beta_t.sqrt())?)?,
+            _ => model_output.clone(),
+        };
+        let sample_coeff = (a_prev / a_t).sqrt();
+        let denom = a_t * beta_prev.sqrt() + (a_t * beta_t * a_prev).sqrt();
+        Ok(((sample * sample_coeff)? - (model_output * ((a_prev - a_t) / denom))?)?)
+    }
+}
+
+impl Scheduler for Pndm {
+    fn set_timesteps(&mut self, steps: usize) -> Result<()> {
+        // discrete_timesteps is descending; diffusers builds the PLMS list from the ascending
+        // one as concat(ts[:-1], ts[-2:-1], ts[-1:]) reversed, i.e. the second-largest
+        // timestep appears twice.
+        let mut ts = discrete_timesteps(&self.config, steps)?;
+        ts.reverse();
+        let n = ts.len();
+        let mut plms: Vec<i64> = ts[..n - 1].to_vec();
+        if n >= 2 {
+            plms.push(ts[n - 2]);
+        }
+        plms.push(ts[n - 1]);
+        plms.reverse();
+        self.timesteps = plms.into_iter().map(|t| t as f64).collect();
+        self.steps = steps;
+        self.ets.clear();
+        self.counter = 0;
+        self.cur_sample = None;
+        Ok(())
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
+
+    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
+        if self.steps == 0 {
+            bail!("PNDM: set_timesteps must be called before step");
+        }
+        let ratio = (self.config.num_train_timesteps() / self.steps) as i64;
+        let mut t = timestep as i64;
+        let mut prev_t = t - ratio;
+        if self.counter != 1 {
+            if self.ets.len() > 3 {
+                self.ets.drain(..self.ets.len() - 3);
+            }
+            self.ets.push(model_output.clone());
+        } else {
+            prev_t = t;
+            t += ratio;
+        }
+        let ets = &self.ets;
+        let k = ets.len();
+        let mut sample = sample.clone();
+        let model_output = if k == 1 && self.counter == 0 {
+            self.cur_sample = Some(sample.clone());
+            model_output.clone()
+        } else if k == 1 && self.counter == 1 {
+            if let Some(cur) = self.cur_sample.take() {
+                sample = cur;
+            }
+            ((model_output + &ets[0])? / 2.0)?
+        } else if k == 2 {
+            (((&ets[1] * 3.0)? - &ets[0])? / 2.0)?
+        } else if k == 3 {
+            ((((&ets[2] * 23.0)? - (&ets[1] * 16.0)?)? + (&ets[0] * 5.0)?)? / 12.0)?
+        } else {
+            let s = ((((&ets[k - 1] * 55.0)? - (&ets[k - 2] * 59.0)?)? + (&ets[k - 3] * 37.0)?)?
+                - (&ets[k - 4] * 9.0)?)?;
+            (s * (1.0 / 24.0))?
+        };
+        let prev = self.prev_sample(&sample, t, prev_t, &model_output)?;
+        self.counter += 1;
+        Ok(prev)
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+        super::add_noise_ddpm(&self.alphas_cumprod, original, noise, timestep)
+    }
+}
