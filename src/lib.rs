@@ -5,5 +5,11 @@
 //! [`output`] module writes them. The library never prints: progress is reported through a
 //! callback and the binary owns the terminal.
 
+pub mod config;
+pub mod device;
+pub mod output;
+pub mod pipeline;
 pub mod rng;
 pub mod scheduler;
+pub mod text;
+pub mod weights;

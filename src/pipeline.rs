@@ -1,0 +1,375 @@
+//! The text-to-image pipeline: diffusers' `StableDiffusionPipeline.__call__`, step by step.
+//!
+//! prompt → CLIP embeddings (negative and positive in one batch) → seeded initial latents →
+//! for each scheduler timestep: UNet on both halves, classifier-free guidance, scheduler
+//! step → VAE decode → 8-bit RGB. Every stage is public so the parity tests can compare
+//! each one against diffusers' own intermediate tensors.
+
+use crate::config::{read_json, TextEncoderConfig, UNetConfig, VaeConfig};
+use crate::rng::{NoiseSource, TorchGenerator};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
+use crate::text::{ClipTextModel, ClipTokenizer};
+use crate::weights::{open_safetensors, ModelFiles};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_transformers::models::stable_diffusion::{unet_2d::UNet2DConditionModel, vae::AutoEncoderKL};
+use std::time::Instant;
+
+/// Everything that determines one image (or `num_images` images with seeds seed, seed+1…).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+    pub num_images: usize,
+    /// `None`: the scheduler named in the model's scheduler_config.json.
+    pub scheduler: Option<SchedulerKind>,
+    /// DDIM's eta (0 = deterministic).
+    pub eta: f64,
+}
+
+impl GenerationRequest {
+    /// diffusers' defaults for this model: its native size, 50 steps, guidance 7.5.
+    pub fn new(prompt: impl Into<String>, pipeline: &Pipeline) -> Self {
+        let (width, height) = pipeline.default_size();
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            width,
+            height,
+            steps: 50,
+            guidance: 7.5,
+            seed: 0,
+            num_images: 1,
+            scheduler: None,
+            eta: 0.0,
+        }
+    }
+}
+
+/// What the pipeline is doing, for progress display. The library never prints.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// Something the user should know (e.g. the prompt was truncated).
+    Warning(String),
+    /// Starting image `index` (0-based) of `count`, with this seed.
+    ImageStarted { index: usize, count: usize, seed: u64 },
+    /// Finished UNet evaluation `step` (1-based) of `total`.
+    Step { step: usize, total: usize },
+    Decoding,
+}
+
+/// What produced an image: written into the PNG and reported to scripts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageMetadata {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub sampler: SchedulerKind,
+    pub guidance: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub model: String,
+    pub eta: f64,
+}
+
+/// One finished image: 8-bit RGB, row-major.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    pub rgb: Vec<u8>,
+    pub width: usize,
+    pub height: usize,
+    pub metadata: ImageMetadata,
+    pub seconds: f64,
+}
+
+/// A loaded model, ready to generate many images.
+pub struct Pipeline {
+    pub device: Device,
+    pub dtype: DType,
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoEncoderKL,
+    unet_config: UNetConfig,
+    vae_config: VaeConfig,
+    scheduler_config: SchedulerConfig,
+    default_scheduler: SchedulerKind,
+    model_name: String,
+}
+
+impl Pipeline {
+    /// Reads the configs, checks them, and loads the weights onto `device` as `dtype`.
+    pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        let unet_config: UNetConfig = read_json(&files.unet_config)?;
+        let vae_config: VaeConfig = read_json(&files.vae_config)?;
+        let text_config: TextEncoderConfig = read_json(&files.text_encoder_config)?;
+        let scheduler_config: SchedulerConfig = read_json(&files.scheduler_config)?;
+        let unet_cfg = unet_config
+            .to_candle()
+            .with_context(|| files.unet_config.display().to_string())?;
+        let vae_cfg = vae_config
+            .to_candle()
+            .with_context(|| files.vae_config.display().to_string())?;
+        text_config
+            .validate()
+            .with_context(|| files.text_encoder_config.display().to_string())?;
+        if text_config.hidden_size != unet_cfg.cross_attention_dim {
+            bail!(
+                "the text encoder's hidden_size ({}) does not match the UNet's cross_attention_dim ({})",
+                text_config.hidden_size,
+                unet_cfg.cross_attention_dim
+            );
+        }
+        if vae_config.latent_channels != unet_config.in_channels || unet_config.in_channels != unet_config.out_channels {
+            bail!(
+                "unsupported model: VAE latent_channels {}, UNet in/out channels {}/{} (expected equal: a text-to-image UNet)",
+                vae_config.latent_channels,
+                unet_config.in_channels,
+                unet_config.out_channels
+            );
+        }
+        let default_scheduler = SchedulerKind::from_config(&scheduler_config).unwrap_or(SchedulerKind::Pndm);
+        let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir, text_config.max_position_embeddings.min(77))?;
+        let what = |c: &str, p: &std::path::Path| format!("cannot load the {c} from {}", p.display());
+        let text_encoder = ClipTextModel::new(open_safetensors(&files.text_encoder_weights, dtype, device)?, &text_config)
+            .with_context(|| what("text encoder", &files.text_encoder_weights))?;
+        let unet = UNet2DConditionModel::new(
+            open_safetensors(&files.unet_weights, dtype, device)?,
+            unet_config.in_channels,
+            unet_config.out_channels,
+            false,
+            unet_cfg,
+        )
+        .with_context(|| what("UNet", &files.unet_weights))?;
+        let vae = AutoEncoderKL::new(
+            open_safetensors(&files.vae_weights, dtype, device)?,
+            vae_config.in_channels,
+            vae_config.out_channels,
+            vae_cfg,
+        )
+        .with_context(|| what("VAE", &files.vae_weights))?;
+        Ok(Self {
+            device: device.clone(),
+            dtype,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            unet_config,
+            vae_config,
+            scheduler_config,
+            default_scheduler,
+            model_name: files.name.clone(),
+        })
+    }
+
+    /// The size the model was trained at (512×512 for SD 1.x).
+    pub fn default_size(&self) -> (usize, usize) {
+        let s = self.unet_config.sample_size.unwrap_or(64) * self.vae_config.scale_factor();
+        (s, s)
+    }
+
+    /// Pixels per latent (8 for SD 1.x).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae_config.scale_factor()
+    }
+
+    /// The scheduler named by the model's scheduler_config.json.
+    pub fn default_scheduler(&self) -> SchedulerKind {
+        self.default_scheduler
+    }
+
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn text_encoder(&self) -> &ClipTextModel {
+        &self.text_encoder
+    }
+
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+
+    /// Checks a request before any work is done, so bad input fails in milliseconds.
+    pub fn validate(&self, req: &GenerationRequest) -> Result<()> {
+        let f = self.vae_scale_factor().max(8);
+        for (name, v) in [("width", req.width), ("height", req.height)] {
+            if v == 0 || v % f != 0 {
+                bail!("{name} must be a positive multiple of {f}, got {v}");
+            }
+            if v > 8192 {
+                bail!("{name} {v} is larger than 8192");
+            }
+        }
+        if req.steps == 0 {
+            bail!("steps must be at least 1");
+        }
+        if req.steps > self.scheduler_config.num_train_timesteps() {
+            bail!(
+                "steps must be at most {} (the model's training timesteps), got {}",
+                self.scheduler_config.num_train_timesteps(),
+                req.steps
+            );
+        }
+        if !req.guidance.is_finite() || req.guidance < 0.0 {
+            bail!("guidance must be a finite number ≥ 0, got {}", req.guidance);
+        }
+        if req.num_images == 0 {
+            bail!("num-images must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Text embeddings the UNet is conditioned on: `[negative; positive]` (batch 2) when
+    /// classifier-free guidance is on (guidance > 1, as diffusers decides), else `[positive]`.
+    pub fn encode_prompt(&self, prompt: &str, negative: &str, guidance: f64, progress: &mut dyn FnMut(Progress)) -> Result<Tensor> {
+        let pos = self.tokenizer.encode(prompt)?;
+        if let Some(cut) = &pos.truncated {
+            progress(Progress::Warning(format!(
+                "the prompt is longer than CLIP's {} tokens; this part was ignored: \"{cut}\"",
+                self.tokenizer.context_length()
+            )));
+        }
+        if guidance > 1.0 {
+            let neg = self.tokenizer.encode(negative)?;
+            if let Some(cut) = &neg.truncated {
+                progress(Progress::Warning(format!("the negative prompt is too long; this part was ignored: \"{cut}\"")));
+            }
+            self.text_encoder.encode(&[&neg, &pos], &self.device)
+        } else {
+            self.text_encoder.encode(&[&pos], &self.device)
+        }
+    }
+
+    /// The seeded initial latents, drawn on the CPU as `torch.randn(shape,
+    /// generator=torch.Generator().manual_seed(seed))` draws them, so a seed gives the same
+    /// image as diffusers and on every device.
+    pub fn initial_latents(&self, width: usize, height: usize, noise: &mut dyn NoiseSource, init_sigma: f64) -> Result<Tensor> {
+        let f = self.vae_scale_factor();
+        let shape = [1, self.vae_config.latent_channels, height / f, width / f];
+        let values = noise.randn(&shape);
+        let t = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)?;
+        Ok(if init_sigma == 1.0 { t } else { (t * init_sigma)? })
+    }
+
+    /// The denoising loop. `on_step` sees the latents after every scheduler step.
+    pub fn denoise(
+        &self,
+        embeddings: &Tensor,
+        mut latents: Tensor,
+        scheduler: &mut dyn Scheduler,
+        guidance: f64,
+        noise: &mut dyn NoiseSource,
+        on_step: &mut dyn FnMut(usize, usize, &Tensor),
+    ) -> Result<Tensor> {
+        let cfg = embeddings.dim(0)? == 2;
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = scheduler.scale_model_input(&input, t)?;
+            let out = self.unet.forward(&input, t, embeddings)?;
+            let out = if cfg {
+                let uncond = out.narrow(0, 0, 1)?;
+                let text = out.narrow(0, 1, 1)?;
+                (&uncond + ((text - &uncond)? * guidance)?)?
+            } else {
+                out
+            };
+            latents = scheduler.step(&out, t, &latents, noise)?;
+            on_step(i + 1, total, &latents);
+        }
+        Ok(latents)
+    }
+
+    /// VAE decode of final latents → images in [0, 1], (batch, 3, H, W) f32.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let x = (latents / self.vae_config.scaling_factor)?;
+        let img = self.vae.decode(&x)?.to_dtype(DType::F32)?;
+        Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+
+    /// One decoded image (3, H, W) in [0, 1] → 8-bit RGB, rounding as numpy does
+    /// (`(x * 255).round()`, half to even) in diffusers' `numpy_to_pil`.
+    pub fn to_rgb8(image: &Tensor) -> Result<Vec<u8>> {
+        let hwc = image.permute((1, 2, 0))?.contiguous()?.to_device(&Device::Cpu)?;
+        let v = hwc.flatten_all()?.to_vec1::<f32>()?;
+        Ok(v.into_iter().map(|x| (x * 255.0).round_ties_even().clamp(0.0, 255.0) as u8).collect())
+    }
+
+    /// Generates `req.num_images` images (seeds `req.seed`, `req.seed + 1`, …), handing each
+    /// to `sink` as soon as it is finished, so a failure later in a batch loses nothing.
+    pub fn generate_each(
+        &self,
+        req: &GenerationRequest,
+        progress: &mut dyn FnMut(Progress),
+        sink: &mut dyn FnMut(GeneratedImage) -> Result<()>,
+    ) -> Result<()> {
+        self.validate(req)?;
+        let kind = req.scheduler.unwrap_or(self.default_scheduler);
+        let embeddings = self.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance, progress)?;
+        for index in 0..req.num_images {
+            let start = Instant::now();
+            let seed = req.seed.wrapping_add(index as u64);
+            progress(Progress::ImageStarted { index, count: req.num_images, seed });
+            let mut scheduler = kind.build(&self.scheduler_config, req.eta)?;
+            scheduler.set_timesteps(req.steps)?;
+            let mut rng = TorchGenerator::new(seed);
+            let latents = self.initial_latents(req.width, req.height, &mut rng, scheduler.init_noise_sigma())?;
+            let latents = self.denoise(&embeddings, latents, scheduler.as_mut(), req.guidance, &mut rng, &mut |step, total, _| {
+                progress(Progress::Step { step, total })
+            })?;
+            progress(Progress::Decoding);
+            let image = self.decode(&latents)?.squeeze(0)?;
+            let (_, h, w) = image.dims3()?;
+            sink(GeneratedImage {
+                rgb: Self::to_rgb8(&image)?,
+                width: w,
+                height: h,
+                metadata: ImageMetadata {
+                    prompt: req.prompt.clone(),
+                    negative_prompt: req.negative_prompt.clone(),
+                    steps: req.steps,
+                    sampler: kind,
+                    guidance: req.guidance,
+                    seed,
+                    width: req.width,
+                    height: req.height,
+                    model: self.model_name.clone(),
+                    eta: req.eta,
+                },
+                seconds: start.elapsed().as_secs_f64(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// [`Pipeline::generate_each`], collecting the images.
+    pub fn generate(&self, req: &GenerationRequest, progress: &mut dyn FnMut(Progress)) -> Result<Vec<GeneratedImage>> {
+        let mut images = Vec::with_capacity(req.num_images);
+        self.generate_each(req, progress, &mut |img| {
+            images.push(img);
+            Ok(())
+        })?;
+        Ok(images)
+    }
+}
+
+/// Largest absolute difference between two tensors (for parity reports).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?;
+    Ok(d.flatten_all()?.max(D::Minus1)?.to_scalar::<f32>()?)
+}
