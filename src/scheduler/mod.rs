@@ -7,11 +7,26 @@
 
 mod betas;
 mod ddim;
+mod dpm;
+mod euler;
+mod euler_ancestral;
+mod heun;
+mod lcm;
+mod lms;
 mod pndm;
+mod sigmas;
+mod unipc;
 
 pub use betas::{alphas_cumprod, betas, BetaSchedule};
 pub use ddim::Ddim;
+pub use dpm::{DpmAlgorithm, DpmSolverMultistep};
+pub use euler::Euler;
+pub use euler_ancestral::EulerAncestral;
+pub use heun::Heun;
+pub use lcm::Lcm;
+pub use lms::Lms;
 pub use pndm::Pndm;
+pub use unipc::UniPc;
 
 use crate::rng::NoiseSource;
 use anyhow::{bail, Result};
@@ -74,6 +89,16 @@ pub struct SchedulerConfig {
     pub final_sigmas_type: Option<String>,
     pub original_inference_steps: Option<usize>,
     pub timestep_scaling: Option<f64>,
+    pub use_exponential_sigmas: Option<bool>,
+    pub use_beta_sigmas: Option<bool>,
+    pub use_lu_lambdas: Option<bool>,
+    pub use_flow_sigmas: Option<bool>,
+    pub lambda_min_clipped: Option<f64>,
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    pub variance_type: Option<String>,
+    pub predict_x0: Option<bool>,
+    pub disable_corrector: Option<Vec<usize>>,
 }
 
 impl SchedulerConfig {
@@ -91,7 +116,48 @@ impl SchedulerConfig {
         PredictionType::parse(self.prediction_type.as_deref().unwrap_or("epsilon"))
     }
     pub fn timestep_spacing(&self) -> Result<TimestepSpacing> {
-        TimestepSpacing::parse(self.timestep_spacing.as_deref().unwrap_or("leading"))
+        self.timestep_spacing_or(TimestepSpacing::Leading)
+    }
+    /// The configured spacing, or the scheduler class's own default.
+    pub fn timestep_spacing_or(&self, default: TimestepSpacing) -> Result<TimestepSpacing> {
+        match self.timestep_spacing.as_deref() {
+            Some(s) => TimestepSpacing::parse(s),
+            None => Ok(default),
+        }
+    }
+
+    /// A copy with the beta schedule keys the file lacks set to a class's own defaults
+    /// (Heun and LCM default to other betas than the rest).
+    pub(crate) fn with_beta_defaults(&self, start: f64, end: f64, schedule: &str) -> Self {
+        let mut c = self.clone();
+        c.beta_start.get_or_insert(start);
+        c.beta_end.get_or_insert(end);
+        c.beta_schedule.get_or_insert_with(|| schedule.to_string());
+        c
+    }
+
+    /// Errors on options easel does not implement, rather than silently ignoring them.
+    pub(crate) fn reject_unsupported(&self, class: &str) -> Result<()> {
+        let flags = [
+            ("thresholding", self.thresholding),
+            ("rescale_betas_zero_snr", self.rescale_betas_zero_snr),
+            ("use_exponential_sigmas", self.use_exponential_sigmas),
+            ("use_beta_sigmas", self.use_beta_sigmas),
+            ("use_lu_lambdas", self.use_lu_lambdas),
+            ("use_flow_sigmas", self.use_flow_sigmas),
+        ];
+        for (name, value) in flags {
+            if value == Some(true) {
+                bail!("{class} with {name} is not supported by easel");
+            }
+        }
+        if matches!(
+            self.variance_type.as_deref(),
+            Some("learned" | "learned_range")
+        ) {
+            bail!("{class} with a learned variance_type is not supported by easel");
+        }
+        Ok(())
     }
 }
 
@@ -138,17 +204,47 @@ impl TimestepSpacing {
 pub enum SchedulerKind {
     Pndm,
     Ddim,
+    Euler,
+    EulerAncestral,
+    Heun,
+    DpmPp2m,
+    DpmPp2mKarras,
+    DpmPp2mSde,
+    Lms,
+    UniPc,
+    Lcm,
 }
 
 impl SchedulerKind {
     /// Every kind, in the order `--list-schedulers` shows them.
-    pub const ALL: &'static [SchedulerKind] = &[SchedulerKind::Pndm, SchedulerKind::Ddim];
+    pub const ALL: &'static [SchedulerKind] = &[
+        Self::Pndm,
+        Self::Ddim,
+        Self::Euler,
+        Self::EulerAncestral,
+        Self::Heun,
+        Self::DpmPp2m,
+        Self::DpmPp2mKarras,
+        Self::DpmPp2mSde,
+        Self::Lms,
+        Self::UniPc,
+        Self::Lcm,
+    ];
 
     /// The CLI name.
     pub fn name(self) -> &'static str {
         match self {
             Self::Pndm => "pndm",
             Self::Ddim => "ddim",
+            Self::Euler => "euler",
+            Self::EulerAncestral => "euler-a",
+            Self::Heun => "heun",
+            Self::DpmPp2m => "dpm++2m",
+            Self::DpmPp2mKarras => "dpm++2m-karras",
+            Self::DpmPp2mSde => "dpm++2m-sde",
+            Self::Lms => "lms",
+            Self::UniPc => "unipc",
+            Self::Lcm => "lcm",
         }
     }
 
@@ -157,6 +253,15 @@ impl SchedulerKind {
         match self {
             Self::Pndm => "PLMS",
             Self::Ddim => "DDIM",
+            Self::Euler => "Euler",
+            Self::EulerAncestral => "Euler a",
+            Self::Heun => "Heun",
+            Self::DpmPp2m => "DPM++ 2M",
+            Self::DpmPp2mKarras => "DPM++ 2M Karras",
+            Self::DpmPp2mSde => "DPM++ 2M SDE",
+            Self::Lms => "LMS",
+            Self::UniPc => "UniPC",
+            Self::Lcm => "LCM",
         }
     }
 
@@ -165,10 +270,35 @@ impl SchedulerKind {
         match self {
             Self::Pndm => "PNDMScheduler",
             Self::Ddim => "DDIMScheduler",
+            Self::Euler => "EulerDiscreteScheduler",
+            Self::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            Self::Heun => "HeunDiscreteScheduler",
+            Self::DpmPp2m | Self::DpmPp2mKarras | Self::DpmPp2mSde => "DPMSolverMultistepScheduler",
+            Self::Lms => "LMSDiscreteScheduler",
+            Self::UniPc => "UniPCMultistepScheduler",
+            Self::Lcm => "LCMScheduler",
         }
     }
 
-    /// Parses a CLI name, an A1111 name or a diffusers class name (case-insensitive).
+    /// One line on what the sampler is and when to use it, for `--list-schedulers`.
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::Pndm => "pseudo linear multistep; SD 1.x's default, good at ~50 steps",
+            Self::Ddim => "deterministic DDIM (--eta > 0 adds noise); fine at 25-50 steps",
+            Self::Euler => "first-order Euler; simple and predictable, 30-50 steps",
+            Self::EulerAncestral => "Euler with fresh noise each step; varied, never converges",
+            Self::Heun => "second-order Heun; two UNet calls per step, slow but accurate",
+            Self::DpmPp2m => "DPM-Solver++ 2M; sharp results in 20-30 steps",
+            Self::DpmPp2mKarras => "DPM-Solver++ 2M on Karras sigmas; a favourite at 20-30 steps",
+            Self::DpmPp2mSde => "stochastic DPM-Solver++ 2M; more detail, needs ~30 steps",
+            Self::Lms => "linear multistep (order 4); smooth, 50 steps",
+            Self::UniPc => "UniPC predictor-corrector (bh2); good in 10-20 steps",
+            Self::Lcm => "latent consistency; only for LCM-distilled weights, 2-8 steps",
+        }
+    }
+
+    /// Parses a CLI name, an A1111 name or a diffusers class name (case-insensitive). The
+    /// DPM-Solver class name means plain `dpm++2m`, as `from_config` would build it.
     pub fn parse(name: &str) -> Result<Self> {
         let lower = name.trim().to_ascii_lowercase();
         for &kind in Self::ALL {
@@ -181,81 +311,147 @@ impl SchedulerKind {
         }
         let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
         bail!(
-            "unknown scheduler {name:?}; valid schedulers: {}",
+            "unknown scheduler {name:?}; valid schedulers: {} (A1111 names and diffusers class names work too; see --list-schedulers)",
             names.join(", ")
         )
     }
 
-    /// The kind a model's scheduler_config.json names in `_class_name`.
+    /// The kind a model's scheduler_config.json names in `_class_name`, i.e. the scheduler
+    /// diffusers' pipeline would load (PNDM when the file names none).
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
         match config.class_name.as_deref() {
-            Some(class) => Self::parse(class).map_err(|_| {
-                anyhow::anyhow!("the model's scheduler_config.json names {class}, which easel does not implement; pick one with --scheduler")
-            }),
+            Some(class) => {
+                let kind = Self::parse(class).map_err(|_| {
+                    anyhow::anyhow!("the model's scheduler_config.json names {class}, which easel does not implement; pick one with --scheduler")
+                })?;
+                // A DPM-Solver config picks its variant through its own keys.
+                if kind == Self::DpmPp2m {
+                    if config.algorithm_type.as_deref() == Some("sde-dpmsolver++") {
+                        return Ok(Self::DpmPp2mSde);
+                    }
+                    if config.use_karras_sigmas == Some(true) {
+                        return Ok(Self::DpmPp2mKarras);
+                    }
+                }
+                Ok(kind)
+            }
             None => Ok(Self::Pndm),
         }
     }
 
-    /// Builds the scheduler from the model's config, as diffusers' `from_config` would.
+    /// Builds the scheduler from the model's config, as diffusers'
+    /// `Class.from_config(config, **overrides)` would, where the overrides are what makes the
+    /// sampler the one its name says (e.g. Karras sigmas for `dpm++2m-karras`).
     pub fn build(self, config: &SchedulerConfig, eta: f64) -> Result<Box<dyn Scheduler>> {
+        if eta != 0.0 && self != Self::Ddim {
+            bail!("--eta only applies to ddim, not {}", self.name());
+        }
+        let mut config = config.clone();
+        if matches!(self, Self::Euler | Self::Heun | Self::Lms) {
+            config.use_karras_sigmas = Some(false);
+        }
         Ok(match self {
-            Self::Pndm => Box::new(Pndm::new(config)?),
-            Self::Ddim => Box::new(Ddim::new(config, eta)?),
+            Self::Pndm => Box::new(Pndm::new(&config)?),
+            Self::Ddim => Box::new(Ddim::new(&config, eta)?),
+            Self::Euler => Box::new(Euler::new(&config)?),
+            Self::EulerAncestral => Box::new(EulerAncestral::new(&config)?),
+            Self::Heun => Box::new(Heun::new(&config)?),
+            Self::DpmPp2m => Box::new(DpmSolverMultistep::new(
+                &config,
+                DpmAlgorithm::DpmSolverPp,
+                false,
+            )?),
+            Self::DpmPp2mKarras => Box::new(DpmSolverMultistep::new(
+                &config,
+                DpmAlgorithm::DpmSolverPp,
+                true,
+            )?),
+            Self::DpmPp2mSde => Box::new(DpmSolverMultistep::new(
+                &config,
+                DpmAlgorithm::SdeDpmSolverPp,
+                false,
+            )?),
+            Self::Lms => Box::new(Lms::new(&config)?),
+            Self::UniPc => Box::new(UniPc::new(&config)?),
+            Self::Lcm => Box::new(Lcm::new(&config)?),
         })
     }
 }
 
-/// `alphas_cumprod[t]` for an integer timestep, with a clear error instead of a panic.
-pub(crate) fn alpha_at(alphas_cumprod: &[f64], t: i64) -> Result<f64> {
+/// The table `--list-schedulers` prints: CLI name, A1111 name, description.
+pub fn help_table() -> String {
+    let w_name = SchedulerKind::ALL
+        .iter()
+        .map(|k| k.name().len())
+        .max()
+        .unwrap_or(0);
+    let w_a1111 = SchedulerKind::ALL
+        .iter()
+        .map(|k| k.a1111_name().len())
+        .max()
+        .unwrap_or(0)
+        .max("A1111".len());
+    let mut out = format!("{:<w_name$}  {:<w_a1111$}  DESCRIPTION\n", "NAME", "A1111");
+    for k in SchedulerKind::ALL {
+        out.push_str(&format!(
+            "{:<w_name$}  {:<w_a1111$}  {}\n",
+            k.name(),
+            k.a1111_name(),
+            k.description()
+        ));
+    }
+    out
+}
+
+/// `alphas_cumprod[t]` (float32) for an integer timestep, with a clear error instead of a panic.
+pub(crate) fn alpha_at(alphas_cumprod: &[f32], t: i64) -> Result<f32> {
     usize::try_from(t)
         .ok()
         .and_then(|i| alphas_cumprod.get(i).copied())
-        .ok_or_else(|| anyhow::anyhow!("timestep {t} is outside the trained range 0..{}", alphas_cumprod.len()))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "timestep {t} is outside the trained range 0..{}",
+                alphas_cumprod.len()
+            )
+        })
 }
 
-/// `round(x)` the way numpy rounds (half to even), used when diffusers rounds timesteps.
-pub(crate) fn np_round(x: f64) -> f64 {
-    x.round_ties_even()
+/// `alphas_cumprod` as the float32 tensor diffusers keeps.
+pub(crate) fn alphas_cumprod_f32(config: &SchedulerConfig) -> Result<Vec<f32>> {
+    Ok(alphas_cumprod(&betas(config)?)
+        .into_iter()
+        .map(|a| a as f32)
+        .collect())
 }
 
 /// Inference timesteps for DDPM-style schedulers (DDIM, PNDM), descending, as diffusers
-/// computes them for each `timestep_spacing`.
+/// computes them for each `timestep_spacing` (their default is `leading`).
 pub(crate) fn discrete_timesteps(config: &SchedulerConfig, steps: usize) -> Result<Vec<i64>> {
+    use sigmas::{np_arange, np_linspace, np_round};
+    sigmas::check_steps(config, steps)?;
     let n_train = config.num_train_timesteps();
-    if steps == 0 {
-        bail!("the number of steps must be at least 1");
-    }
-    if steps > n_train {
-        bail!("{steps} steps is more than the {n_train} timesteps the model was trained with");
-    }
-    let mut ts: Vec<i64> = match config.timestep_spacing()? {
-        TimestepSpacing::Linspace => {
-            // np.linspace: start + i * step, with the last value set exactly to `stop`.
-            let last = (n_train - 1) as f64;
-            let step = if steps > 1 { last / (steps - 1) as f64 } else { 0.0 };
-            (0..steps)
-                .map(|i| {
-                    let x = if steps > 1 && i == steps - 1 { last } else { i as f64 * step };
-                    np_round(x) as i64
-                })
-                .collect()
-        }
+    let ts: Vec<i64> = match config.timestep_spacing()? {
+        TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, steps, true)
+            .into_iter()
+            .rev()
+            .map(|x| np_round(x) as i64)
+            .collect(),
         TimestepSpacing::Leading => {
             let ratio = n_train / steps;
             (0..steps)
+                .rev()
                 .map(|i| (i * ratio + config.steps_offset()) as i64)
                 .collect()
         }
         TimestepSpacing::Trailing => {
-            let ratio = n_train as f64 / steps as f64;
-            let mut v: Vec<i64> = (0..steps)
-                .map(|i| np_round(n_train as f64 - i as f64 * ratio) as i64 - 1)
-                .collect();
-            v.reverse();
-            v
+            np_arange(n_train as f64, 0.0, -(n_train as f64 / steps as f64))
+                .into_iter()
+                .map(|x| np_round(x) as i64 - 1)
+                .collect()
         }
     };
-    ts.reverse();
+    let as_f64: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
+    sigmas::check_in_range(config, steps, &as_f64)?;
     Ok(ts)
 }
 
@@ -269,8 +465,13 @@ pub(crate) fn noise_like(noise: &mut dyn NoiseSource, like: &Tensor) -> Result<T
         .to_device(like.device())?)
 }
 
-/// DDPM forward noising: `sqrt(ac[t]) * x0 + sqrt(1 - ac[t]) * noise`.
-pub(crate) fn add_noise_ddpm(alphas_cumprod: &[f64], original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
+/// DDPM forward noising: `sqrt(ac[t]) * x0 + sqrt(1 - ac[t]) * noise`, float32 scalars.
+pub(crate) fn add_noise_ddpm(
+    alphas_cumprod: &[f32],
+    original: &Tensor,
+    noise: &Tensor,
+    timestep: f64,
+) -> Result<Tensor> {
     let a = alpha_at(alphas_cumprod, timestep as i64)?;
-    Ok(((original * a.sqrt())? + (noise * (1.0 - a).sqrt())?)?)
+    Ok((sigmas::mul(original, a.sqrt())? + sigmas::mul(noise, (1.0 - a).sqrt())?)?)
 }

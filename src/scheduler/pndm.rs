@@ -2,15 +2,17 @@
 //! sampler. Mirrors diffusers' `PNDMScheduler.step_plms`, including its quirk of evaluating
 //! the second timestep twice (n steps are n + 1 UNet calls).
 
-use super::{alpha_at, alphas_cumprod, betas, discrete_timesteps, PredictionType, Scheduler, SchedulerConfig};
+use super::sigmas::{div, mul};
+use super::{alphas_cumprod_f32, discrete_timesteps, PredictionType, Scheduler, SchedulerConfig};
 use crate::rng::NoiseSource;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
 pub struct Pndm {
     config: SchedulerConfig,
-    alphas_cumprod: Vec<f64>,
-    final_alpha_cumprod: f64,
+    /// float32, as diffusers keeps them; all scalar maths below is float32 like torch's.
+    alphas_cumprod: Vec<f32>,
+    final_alpha_cumprod: f32,
     prediction: PredictionType,
     steps: usize,
     timesteps: Vec<f64>,
@@ -25,7 +27,8 @@ impl Pndm {
         if !config.skip_prk_steps.unwrap_or(false) {
             bail!("PNDM without skip_prk_steps (Runge-Kutta warm-up) is not supported; Stable Diffusion 1.x configs set skip_prk_steps, or pick another --scheduler");
         }
-        let alphas_cumprod = alphas_cumprod(&betas(config)?);
+        config.reject_unsupported("PNDM")?;
+        let alphas_cumprod = alphas_cumprod_f32(config)?;
         let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(false) {
             1.0
         } else {
@@ -48,22 +51,35 @@ impl Pndm {
         })
     }
 
-    fn prev_sample(&self, sample: &Tensor, t: i64, prev_t: i64, model_output: &Tensor) -> Result<Tensor> {
-        let a_t = alpha_at(&self.alphas_cumprod, t)?;
+    fn alpha(&self, t: i64) -> Result<f32> {
+        super::alpha_at(&self.alphas_cumprod, t)
+    }
+
+    /// diffusers' `_get_prev_sample` (formula (9) of the PNDM paper).
+    fn prev_sample(
+        &self,
+        sample: &Tensor,
+        t: i64,
+        prev_t: i64,
+        model_output: &Tensor,
+    ) -> Result<Tensor> {
+        let a_t = self.alpha(t)?;
         let a_prev = if prev_t >= 0 {
-            alpha_at(&self.alphas_cumprod, prev_t)?
+            self.alpha(prev_t)?
         } else {
             self.final_alpha_cumprod
         };
         let beta_t = 1.0 - a_t;
         let beta_prev = 1.0 - a_prev;
         let model_output = match self.prediction {
-            PredictionType::VPrediction => ((model_output * a_t.sqrt())? + (sample * beta_t.sqrt())?)?,
+            PredictionType::VPrediction => {
+                (mul(model_output, a_t.sqrt())? + mul(sample, beta_t.sqrt())?)?
+            }
             _ => model_output.clone(),
         };
         let sample_coeff = (a_prev / a_t).sqrt();
         let denom = a_t * beta_prev.sqrt() + (a_t * beta_t * a_prev).sqrt();
-        Ok(((sample * sample_coeff)? - (model_output * ((a_prev - a_t) / denom))?)?)
+        Ok((mul(sample, sample_coeff)? - div(&mul(&model_output, a_prev - a_t)?, denom)?)?)
     }
 }
 
@@ -101,7 +117,13 @@ impl Scheduler for Pndm {
         Ok(sample.clone())
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
         if self.steps == 0 {
             bail!("PNDM: set_timesteps must be called before step");
         }
@@ -120,6 +142,7 @@ impl Scheduler for Pndm {
         let ets = &self.ets;
         let k = ets.len();
         let mut sample = sample.clone();
+        // The Adams-Bashforth combinations, in torch's order of float32 operations.
         let model_output = if k == 1 && self.counter == 0 {
             self.cur_sample = Some(sample.clone());
             model_output.clone()
@@ -127,15 +150,17 @@ impl Scheduler for Pndm {
             if let Some(cur) = self.cur_sample.take() {
                 sample = cur;
             }
-            ((model_output + &ets[0])? / 2.0)?
+            div(&(model_output + &ets[0])?, 2.0)?
         } else if k == 2 {
-            (((&ets[1] * 3.0)? - &ets[0])? / 2.0)?
+            div(&(mul(&ets[1], 3.0)? - &ets[0])?, 2.0)?
         } else if k == 3 {
-            ((((&ets[2] * 23.0)? - (&ets[1] * 16.0)?)? + (&ets[0] * 5.0)?)? / 12.0)?
+            let s = ((mul(&ets[2], 23.0)? - mul(&ets[1], 16.0)?)? + mul(&ets[0], 5.0)?)?;
+            div(&s, 12.0)?
         } else {
-            let s = ((((&ets[k - 1] * 55.0)? - (&ets[k - 2] * 59.0)?)? + (&ets[k - 3] * 37.0)?)?
-                - (&ets[k - 4] * 9.0)?)?;
-            (s * (1.0 / 24.0))?
+            let s = (((mul(&ets[k - 1], 55.0)? - mul(&ets[k - 2], 59.0)?)?
+                + mul(&ets[k - 3], 37.0)?)?
+                - mul(&ets[k - 4], 9.0)?)?;
+            mul(&s, (1.0f64 / 24.0) as f32)?
         };
         let prev = self.prev_sample(&sample, t, prev_t, &model_output)?;
         self.counter += 1;
