@@ -3,8 +3,9 @@
 //! works, and configs easel cannot run (SDXL's UNet, LCM-distilled UNets...) are refused
 //! with a message that says which key is the problem.
 
+use crate::unet as unet_2d;
 use anyhow::{bail, Context, Result};
-use candle_transformers::models::stable_diffusion::{unet_2d, vae};
+use candle_transformers::models::stable_diffusion::vae;
 use serde::Deserialize;
 use std::path::Path;
 
@@ -29,7 +30,8 @@ impl OneOrMany {
 
 /// Reads and parses one JSON config file, naming the file in every error.
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
 }
 
@@ -130,7 +132,9 @@ impl UNetConfig {
     /// Checks that candle's SD UNet can run this config, and converts it.
     pub fn to_candle(&self) -> Result<unet_2d::UNet2DConditionModelConfig> {
         let unsupported = |what: String| -> Result<unet_2d::UNet2DConditionModelConfig> {
-            bail!("unsupported UNet config: {what}; easel runs Stable Diffusion 1.x/2.x-style UNets")
+            bail!(
+                "unsupported UNet config: {what}; easel runs Stable Diffusion 1.x/2.x-style UNets"
+            )
         };
         if let Some(c) = &self.class_name {
             if c != "UNet2DConditionModel" {
@@ -155,16 +159,29 @@ impl UNetConfig {
         if self.dual_cross_attention {
             return unsupported("dual_cross_attention".into());
         }
-        if !matches!(&self.only_cross_attention, serde_json::Value::Null | serde_json::Value::Bool(false)) {
+        if !matches!(
+            &self.only_cross_attention,
+            serde_json::Value::Null | serde_json::Value::Bool(false)
+        ) {
             return unsupported("only_cross_attention".into());
         }
-        if self.resnet_time_scale_shift.as_deref().is_some_and(|s| s != "default") {
+        if self
+            .resnet_time_scale_shift
+            .as_deref()
+            .is_some_and(|s| s != "default")
+        {
             return unsupported("resnet_time_scale_shift other than \"default\"".into());
         }
-        if self.time_embedding_type.as_deref().is_some_and(|s| s != "positional") {
+        if self
+            .time_embedding_type
+            .as_deref()
+            .is_some_and(|s| s != "positional")
+        {
             return unsupported("time_embedding_type other than \"positional\"".into());
         }
-        if self.conv_in_kernel.is_some_and(|k| k != 3) || self.conv_out_kernel.is_some_and(|k| k != 3) {
+        if self.conv_in_kernel.is_some_and(|k| k != 3)
+            || self.conv_out_kernel.is_some_and(|k| k != 3)
+        {
             return unsupported("conv_in_kernel/conv_out_kernel other than 3".into());
         }
         if self.act_fn != "silu" {
@@ -210,11 +227,17 @@ impl UNetConfig {
                 _ => return unsupported(format!("down block {down} paired with up block {up}")),
             };
             let ch = self.block_out_channels[i];
-            if heads[i] == 0 || ch % heads[i] != 0 {
-                bail!("invalid UNet config: {ch} channels do not split into {} attention heads", heads[i]);
+            if heads[i] == 0 || !ch.is_multiple_of(heads[i]) {
+                bail!(
+                    "invalid UNet config: {ch} channels do not split into {} attention heads",
+                    heads[i]
+                );
             }
-            if ch % self.norm_num_groups != 0 {
-                bail!("invalid UNet config: {ch} channels do not split into {} norm groups", self.norm_num_groups);
+            if !ch.is_multiple_of(self.norm_num_groups) {
+                bail!(
+                    "invalid UNet config: {ch} channels do not split into {} norm groups",
+                    self.norm_num_groups
+                );
             }
             blocks.push(unet_2d::BlockConfig {
                 out_channels: ch,
@@ -292,7 +315,11 @@ impl VaeConfig {
             bail!("invalid VAE config: block_out_channels is empty");
         }
         if self.act_fn != "silu" || !self.mid_block_add_attention {
-            bail!("unsupported VAE config: act_fn {:?}, mid_block_add_attention {}", self.act_fn, self.mid_block_add_attention);
+            bail!(
+                "unsupported VAE config: act_fn {:?}, mid_block_add_attention {}",
+                self.act_fn,
+                self.mid_block_add_attention
+            );
         }
         if self.shift_factor.is_some_and(|s| s != 0.0) {
             bail!("unsupported VAE config: shift_factor is set (an SD3/Flux VAE)");
@@ -302,8 +329,15 @@ impl VaeConfig {
                 bail!("unsupported VAE config: block type {t}");
             }
         }
-        if let Some(c) = self.block_out_channels.iter().find(|c| *c % self.norm_num_groups != 0) {
-            bail!("invalid VAE config: {c} channels do not split into {} norm groups", self.norm_num_groups);
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|c| !c.is_multiple_of(self.norm_num_groups))
+        {
+            bail!(
+                "invalid VAE config: {c} channels do not split into {} norm groups",
+                self.norm_num_groups
+            );
         }
         Ok(vae::AutoEncoderKLConfig {
             block_out_channels: self.block_out_channels.clone(),
@@ -357,7 +391,9 @@ impl TextEncoderConfig {
                 bail!("unsupported text encoder: {a} (expected CLIPTextModel)");
             }
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             bail!(
                 "invalid text encoder config: hidden_size {} does not split into {} heads",
                 self.hidden_size,

@@ -23,7 +23,9 @@ impl std::str::FromStr for DeviceChoice {
             }
             rest.strip_prefix(':')
                 .and_then(|n| n.parse().ok())
-                .ok_or_else(|| anyhow::anyhow!("invalid device {s:?}; expected auto, cpu, cuda, cuda:N, metal"))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("invalid device {s:?}; expected auto, cpu, cuda, cuda:N, metal")
+                })
         };
         Ok(match s.as_str() {
             "auto" => Self::Auto,
@@ -118,7 +120,10 @@ mod tests {
 
     #[test]
     fn parses_devices() {
-        assert_eq!("cuda:1".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(1));
+        assert_eq!(
+            "cuda:1".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Cuda(1)
+        );
         assert_eq!("CPU".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
         assert!("tpu".parse::<DeviceChoice>().is_err());
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
@@ -126,7 +131,10 @@ mod tests {
 
     #[test]
     fn cpu_defaults_to_f32_and_refuses_bf16() {
-        assert_eq!(select_dtype(DTypeChoice::Auto, &Device::Cpu).unwrap(), DType::F32);
+        assert_eq!(
+            select_dtype(DTypeChoice::Auto, &Device::Cpu).unwrap(),
+            DType::F32
+        );
         assert!(select_dtype(DTypeChoice::Bf16, &Device::Cpu).is_err());
     }
 }

@@ -12,4 +12,5 @@ pub mod pipeline;
 pub mod rng;
 pub mod scheduler;
 pub mod text;
+pub mod unet;
 pub mod weights;

@@ -117,11 +117,19 @@ fn main() -> ExitCode {
 
 /// The output path of one image.
 fn output_path(template: &str, seed: u64, index: usize, count: usize) -> PathBuf {
-    let mut s = template.replace("{seed}", &seed.to_string()).replace("{index}", &index.to_string());
+    let mut s = template
+        .replace("{seed}", &seed.to_string())
+        .replace("{index}", &index.to_string());
     if count > 1 && !template.contains("{seed}") && !template.contains("{index}") {
         let p = Path::new(template);
-        let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let ext = p.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+        let stem = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let ext = p
+            .extension()
+            .map(|e| format!(".{}", e.to_string_lossy()))
+            .unwrap_or_default();
         let name = format!("{stem}-{seed}{ext}");
         s = p.with_file_name(name).to_string_lossy().into_owned();
     }
@@ -130,13 +138,15 @@ fn output_path(template: &str, seed: u64, index: usize, count: usize) -> PathBuf
 
 fn run(cli: Cli) -> Result<()> {
     if cli.list_schedulers {
-        for k in SchedulerKind::ALL {
-            println!("{:<16} {:<18} {}", k.name(), k.a1111_name(), k.diffusers_class());
-        }
+        print!("{}", SchedulerKind::help_table());
         return Ok(());
     }
     let prompt = cli.prompt.clone().unwrap_or_default();
-    let scheduler = cli.scheduler.as_deref().map(SchedulerKind::parse).transpose()?;
+    let scheduler = cli
+        .scheduler
+        .as_deref()
+        .map(SchedulerKind::parse)
+        .transpose()?;
     let status = |msg: &str| {
         if !cli.quiet {
             eprintln!("{msg}");
@@ -155,7 +165,11 @@ fn run(cli: Cli) -> Result<()> {
     }
 
     let t0 = Instant::now();
-    status(&format!("loading {} on {} ({dtype:?})", cli.model, device_name(&device)));
+    status(&format!(
+        "loading {} on {} ({dtype:?})",
+        cli.model,
+        device_name(&device)
+    ));
     let spec = ModelSpec {
         model: cli.model.clone(),
         revision: cli.revision.clone(),
@@ -182,11 +196,20 @@ fn run(cli: Cli) -> Result<()> {
     pipeline.validate(&req)?;
 
     let show_bar = !cli.quiet && std::io::stderr().is_terminal();
-    let bar = ProgressBar::with_draw_target(None, if show_bar { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let bar = ProgressBar::with_draw_target(
+        None,
+        if show_bar {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
     bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {elapsed_precise} ({per_sec}) {msg}")
-            .context("progress template")?
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} steps {elapsed_precise} ({per_sec}) {msg}",
+        )
+        .context("progress template")?
+        .progress_chars("=> "),
     );
     let quiet = cli.quiet;
     let mut progress = |p: Progress| match p {
@@ -208,7 +231,14 @@ fn run(cli: Cli) -> Result<()> {
         write_png(path, &image, cli.overwrite)?;
         written += 1;
         if !quiet {
-            bar.suspend(|| eprintln!("wrote {} (seed {}, {:.1}s)", path.display(), image.metadata.seed, image.seconds));
+            bar.suspend(|| {
+                eprintln!(
+                    "wrote {} (seed {}, {:.1}s)",
+                    path.display(),
+                    image.metadata.seed,
+                    image.seconds
+                )
+            });
         }
         Ok(())
     })?;

@@ -43,10 +43,17 @@ pub fn check_writable(path: &Path, overwrite: bool) -> Result<()> {
     }
     let dir = parent_dir(path);
     if !dir.is_dir() {
-        bail!("cannot write {}: directory {} does not exist", path.display(), dir.display());
+        bail!(
+            "cannot write {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
     }
     if !overwrite && path.exists() {
-        bail!("{} already exists; pass --overwrite to replace it", path.display());
+        bail!(
+            "{} already exists; pass --overwrite to replace it",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -62,10 +69,14 @@ fn parent_dir(path: &Path) -> PathBuf {
 pub fn write_png(path: &Path, image: &GeneratedImage, overwrite: bool) -> Result<()> {
     check_writable(path, overwrite)?;
     let dir = parent_dir(path);
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = write_png_file(&tmp, image).and_then(|_| {
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot move the image into place at {}", path.display()))
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot move the image into place at {}", path.display()))
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -74,7 +85,8 @@ pub fn write_png(path: &Path, image: &GeneratedImage, overwrite: bool) -> Result
 }
 
 fn write_png_file(path: &Path, image: &GeneratedImage) -> Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
     let mut w = BufWriter::new(file);
     {
         let mut enc = png::Encoder::new(&mut w, image.width as u32, image.height as u32);
@@ -98,14 +110,25 @@ fn write_png_file(path: &Path, image: &GeneratedImage) -> Result<()> {
 
 /// The `parameters` text of a PNG, if it has one (tEXt, zTXt or iTXt).
 pub fn read_parameters(path: &Path) -> Result<Option<String>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let reader = decoder.read_info().with_context(|| format!("{} is not a PNG", path.display()))?;
+    let reader = decoder
+        .read_info()
+        .with_context(|| format!("{} is not a PNG", path.display()))?;
     let info = reader.info();
-    if let Some(t) = info.uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters") {
+    if let Some(t) = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+    {
         return Ok(Some(t.text.clone()));
     }
-    if let Some(t) = info.compressed_latin1_text.iter().find(|t| t.keyword == "parameters") {
+    if let Some(t) = info
+        .compressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+    {
         return Ok(Some(t.get_text()?));
     }
     if let Some(t) = info.utf8_text.iter().find(|t| t.keyword == "parameters") {

@@ -9,10 +9,11 @@ use crate::config::{read_json, TextEncoderConfig, UNetConfig, VaeConfig};
 use crate::rng::{NoiseSource, TorchGenerator};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::text::{ClipTextModel, ClipTokenizer};
+use crate::unet::UNet2DConditionModel;
 use crate::weights::{open_safetensors, ModelFiles};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use candle_transformers::models::stable_diffusion::{unet_2d::UNet2DConditionModel, vae::AutoEncoderKL};
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use std::time::Instant;
 
 /// Everything that determines one image (or `num_images` images with seeds seed, seed+1…).
@@ -57,9 +58,16 @@ pub enum Progress {
     /// Something the user should know (e.g. the prompt was truncated).
     Warning(String),
     /// Starting image `index` (0-based) of `count`, with this seed.
-    ImageStarted { index: usize, count: usize, seed: u64 },
+    ImageStarted {
+        index: usize,
+        count: usize,
+        seed: u64,
+    },
     /// Finished UNet evaluation `step` (1-based) of `total`.
-    Step { step: usize, total: usize },
+    Step {
+        step: usize,
+        total: usize,
+    },
     Decoding,
 }
 
@@ -126,7 +134,9 @@ impl Pipeline {
                 unet_cfg.cross_attention_dim
             );
         }
-        if vae_config.latent_channels != unet_config.in_channels || unet_config.in_channels != unet_config.out_channels {
+        if vae_config.latent_channels != unet_config.in_channels
+            || unet_config.in_channels != unet_config.out_channels
+        {
             bail!(
                 "unsupported model: VAE latent_channels {}, UNet in/out channels {}/{} (expected equal: a text-to-image UNet)",
                 vae_config.latent_channels,
@@ -134,11 +144,19 @@ impl Pipeline {
                 unet_config.out_channels
             );
         }
-        let default_scheduler = SchedulerKind::from_config(&scheduler_config).unwrap_or(SchedulerKind::Pndm);
-        let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir, text_config.max_position_embeddings.min(77))?;
-        let what = |c: &str, p: &std::path::Path| format!("cannot load the {c} from {}", p.display());
-        let text_encoder = ClipTextModel::new(open_safetensors(&files.text_encoder_weights, dtype, device)?, &text_config)
-            .with_context(|| what("text encoder", &files.text_encoder_weights))?;
+        let default_scheduler =
+            SchedulerKind::from_config(&scheduler_config).unwrap_or(SchedulerKind::Pndm);
+        let tokenizer = ClipTokenizer::from_dir(
+            &files.tokenizer_dir,
+            text_config.max_position_embeddings.min(77),
+        )?;
+        let what =
+            |c: &str, p: &std::path::Path| format!("cannot load the {c} from {}", p.display());
+        let text_encoder = ClipTextModel::new(
+            open_safetensors(&files.text_encoder_weights, dtype, device)?,
+            &text_config,
+        )
+        .with_context(|| what("text encoder", &files.text_encoder_weights))?;
         let unet = UNet2DConditionModel::new(
             open_safetensors(&files.unet_weights, dtype, device)?,
             unet_config.in_channels,
@@ -233,7 +251,13 @@ impl Pipeline {
 
     /// Text embeddings the UNet is conditioned on: `[negative; positive]` (batch 2) when
     /// classifier-free guidance is on (guidance > 1, as diffusers decides), else `[positive]`.
-    pub fn encode_prompt(&self, prompt: &str, negative: &str, guidance: f64, progress: &mut dyn FnMut(Progress)) -> Result<Tensor> {
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        negative: &str,
+        guidance: f64,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Tensor> {
         let pos = self.tokenizer.encode(prompt)?;
         if let Some(cut) = &pos.truncated {
             progress(Progress::Warning(format!(
@@ -244,7 +268,9 @@ impl Pipeline {
         if guidance > 1.0 {
             let neg = self.tokenizer.encode(negative)?;
             if let Some(cut) = &neg.truncated {
-                progress(Progress::Warning(format!("the negative prompt is too long; this part was ignored: \"{cut}\"")));
+                progress(Progress::Warning(format!(
+                    "the negative prompt is too long; this part was ignored: \"{cut}\""
+                )));
             }
             self.text_encoder.encode(&[&neg, &pos], &self.device)
         } else {
@@ -255,14 +281,24 @@ impl Pipeline {
     /// The seeded initial latents, drawn on the CPU as `torch.randn(shape,
     /// generator=torch.Generator().manual_seed(seed))` draws them, so a seed gives the same
     /// image as diffusers and on every device.
-    pub fn initial_latents(&self, width: usize, height: usize, noise: &mut dyn NoiseSource, init_sigma: f64) -> Result<Tensor> {
+    pub fn initial_latents(
+        &self,
+        width: usize,
+        height: usize,
+        noise: &mut dyn NoiseSource,
+        init_sigma: f64,
+    ) -> Result<Tensor> {
         let f = self.vae_scale_factor();
         let shape = [1, self.vae_config.latent_channels, height / f, width / f];
         let values = noise.randn(&shape);
         let t = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?
             .to_dtype(self.dtype)?
             .to_device(&self.device)?;
-        Ok(if init_sigma == 1.0 { t } else { (t * init_sigma)? })
+        Ok(if init_sigma == 1.0 {
+            t
+        } else {
+            (t * init_sigma)?
+        })
     }
 
     /// The denoising loop. `on_step` sees the latents after every scheduler step.
@@ -279,7 +315,11 @@ impl Pipeline {
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
-            let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
             let input = scheduler.scale_model_input(&input, t)?;
             let out = self.unet.forward(&input, t, embeddings)?;
             let out = if cfg {
@@ -305,9 +345,14 @@ impl Pipeline {
     /// One decoded image (3, H, W) in [0, 1] → 8-bit RGB, rounding as numpy does
     /// (`(x * 255).round()`, half to even) in diffusers' `numpy_to_pil`.
     pub fn to_rgb8(image: &Tensor) -> Result<Vec<u8>> {
-        let hwc = image.permute((1, 2, 0))?.contiguous()?.to_device(&Device::Cpu)?;
+        let hwc = image
+            .permute((1, 2, 0))?
+            .contiguous()?
+            .to_device(&Device::Cpu)?;
         let v = hwc.flatten_all()?.to_vec1::<f32>()?;
-        Ok(v.into_iter().map(|x| (x * 255.0).round_ties_even().clamp(0.0, 255.0) as u8).collect())
+        Ok(v.into_iter()
+            .map(|x| (x * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
+            .collect())
     }
 
     /// Generates `req.num_images` images (seeds `req.seed`, `req.seed + 1`, …), handing each
@@ -320,18 +365,33 @@ impl Pipeline {
     ) -> Result<()> {
         self.validate(req)?;
         let kind = req.scheduler.unwrap_or(self.default_scheduler);
-        let embeddings = self.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance, progress)?;
+        let embeddings =
+            self.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance, progress)?;
         for index in 0..req.num_images {
             let start = Instant::now();
             let seed = req.seed.wrapping_add(index as u64);
-            progress(Progress::ImageStarted { index, count: req.num_images, seed });
+            progress(Progress::ImageStarted {
+                index,
+                count: req.num_images,
+                seed,
+            });
             let mut scheduler = kind.build(&self.scheduler_config, req.eta)?;
             scheduler.set_timesteps(req.steps)?;
             let mut rng = TorchGenerator::new(seed);
-            let latents = self.initial_latents(req.width, req.height, &mut rng, scheduler.init_noise_sigma())?;
-            let latents = self.denoise(&embeddings, latents, scheduler.as_mut(), req.guidance, &mut rng, &mut |step, total, _| {
-                progress(Progress::Step { step, total })
-            })?;
+            let latents = self.initial_latents(
+                req.width,
+                req.height,
+                &mut rng,
+                scheduler.init_noise_sigma(),
+            )?;
+            let latents = self.denoise(
+                &embeddings,
+                latents,
+                scheduler.as_mut(),
+                req.guidance,
+                &mut rng,
+                &mut |step, total, _| progress(Progress::Step { step, total }),
+            )?;
             progress(Progress::Decoding);
             let image = self.decode(&latents)?.squeeze(0)?;
             let (_, h, w) = image.dims3()?;
@@ -358,7 +418,11 @@ impl Pipeline {
     }
 
     /// [`Pipeline::generate_each`], collecting the images.
-    pub fn generate(&self, req: &GenerationRequest, progress: &mut dyn FnMut(Progress)) -> Result<Vec<GeneratedImage>> {
+    pub fn generate(
+        &self,
+        req: &GenerationRequest,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Vec<GeneratedImage>> {
         let mut images = Vec::with_capacity(req.num_images);
         self.generate_each(req, progress, &mut |img| {
             images.push(img);

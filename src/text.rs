@@ -16,7 +16,9 @@ use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormalizerSequence
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{
+    AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
+};
 
 /// CLIP's pre-tokenisation pattern (transformers' `CLIPTokenizer`).
 const CLIP_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
@@ -47,7 +49,8 @@ impl ClipTokenizer {
     pub fn from_dir(dir: &Path, context_length: usize) -> Result<Self> {
         let json = dir.join("tokenizer.json");
         let tokenizer = if json.is_file() {
-            let mut t = Tokenizer::from_file(&json).map_err(|e| anyhow!("cannot load {}: {e}", json.display()))?;
+            let mut t = Tokenizer::from_file(&json)
+                .map_err(|e| anyhow!("cannot load {}: {e}", json.display()))?;
             // easel adds BOS/EOS and pads itself.
             t.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
             t.with_padding(None);
@@ -87,15 +90,22 @@ impl ClipTokenizer {
             .build()
             .map_err(|e| anyhow!("cannot load the BPE vocabulary {}: {e}", vocab.display()))?;
         let mut t = Tokenizer::new(bpe);
-        let replace = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-            .map_err(|e| anyhow!("{e}"))?;
+        let replace = Replace::new(
+            tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+            " ",
+        )
+        .map_err(|e| anyhow!("{e}"))?;
         t.with_normalizer(Some(NormalizerSequence::new(vec![
             NormalizerWrapper::from(NFC),
             NormalizerWrapper::from(replace),
             NormalizerWrapper::from(Lowercase),
         ])));
-        let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
-            .map_err(|e| anyhow!("{e}"))?;
+        let split = Split::new(
+            SplitPattern::Regex(CLIP_PATTERN.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(|e| anyhow!("{e}"))?;
         t.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
             PreTokenizerWrapper::from(split),
             PreTokenizerWrapper::from(ByteLevel::new(false, true, true)),
@@ -129,7 +139,9 @@ impl ClipTokenizer {
         let table = byte_decoder();
         let mut bytes = Vec::new();
         for &id in ids {
-            let Some(tok) = self.tokenizer.id_to_token(id) else { continue };
+            let Some(tok) = self.tokenizer.id_to_token(id) else {
+                continue;
+            };
             let (word, end) = match tok.strip_suffix("</w>") {
                 Some(w) => (w, true),
                 None => (tok.as_str(), false),
@@ -149,7 +161,10 @@ impl ClipTokenizer {
 
 /// GPT-2's byte ↔ unicode table, inverted.
 fn byte_decoder() -> std::collections::HashMap<char, u8> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -242,7 +257,11 @@ struct EncoderLayer {
 impl EncoderLayer {
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         let h = (xs + self.attn.forward(&self.ln1.forward(xs)?, mask)?)?;
-        let m = self.fc2.forward(&self.act.forward(&self.fc1.forward(&self.ln2.forward(&h)?)?)?)?;
+        let m = self.fc2.forward(
+            &self
+                .act
+                .forward(&self.fc1.forward(&self.ln2.forward(&h)?)?)?,
+        )?;
         h + m
     }
 }
@@ -313,7 +332,10 @@ impl ClipTextModel {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (_, s) = ids.dims2()?;
         if s > self.max_positions {
-            bail!("{s} tokens exceed the text encoder's {} positions", self.max_positions);
+            bail!(
+                "{s} tokens exceed the text encoder's {} positions",
+                self.max_positions
+            );
         }
         let pos = self.position_embedding.narrow(0, 0, s)?;
         let mut xs = self.token_embedding.forward(ids)?.broadcast_add(&pos)?;
@@ -326,7 +348,10 @@ impl ClipTextModel {
 
     /// Embeddings for already-tokenized prompts (one row each).
     pub fn encode(&self, prompts: &[&TokenizedPrompt], device: &Device) -> Result<Tensor> {
-        let s = prompts.first().map(|p| p.ids.len()).context("no prompt to encode")?;
+        let s = prompts
+            .first()
+            .map(|p| p.ids.len())
+            .context("no prompt to encode")?;
         let ids: Vec<u32> = prompts.iter().flat_map(|p| p.ids.iter().copied()).collect();
         let ids = Tensor::from_vec(ids, (prompts.len(), s), device)?;
         self.forward(&ids)

@@ -68,7 +68,10 @@ impl ModelSpec {
             return resolve_local(path, &self.model, self.prefer_fp16);
         }
         if path.exists() {
-            bail!("--model {} is a file; expected a diffusers-layout folder or a hub repo id", self.model);
+            bail!(
+                "--model {} is a file; expected a diffusers-layout folder or a hub repo id",
+                self.model
+            );
         }
         if looks_like_path(&self.model) {
             bail!("model folder {} does not exist", self.model);
@@ -78,7 +81,11 @@ impl ModelSpec {
 }
 
 fn looks_like_path(s: &str) -> bool {
-    s.starts_with('.') || s.starts_with('/') || s.starts_with('~') || s.matches('/').count() > 1 || s.contains('\\')
+    s.starts_with('.')
+        || s.starts_with('/')
+        || s.starts_with('~')
+        || s.matches('/').count() > 1
+        || s.contains('\\')
 }
 
 fn weight_names(c: Component, fp16: bool) -> Vec<String> {
@@ -112,7 +119,10 @@ fn resolve_local(root: &Path, name: &str, fp16: bool) -> Result<ModelFiles> {
         if bin.is_file() {
             bail!("{} holds only pickle weights ({}); easel reads safetensors only (convert them with diffusers' save_pretrained(safe_serialization=True))", root.join(c.dir()).display(), bin.display());
         }
-        bail!("{} is missing", root.join(names.last().unwrap_or(&String::new())).display())
+        bail!(
+            "{} is missing",
+            root.join(names.last().unwrap_or(&String::new())).display()
+        )
     };
     let tokenizer_dir = root.join("tokenizer");
     if !tokenizer_dir.join("tokenizer.json").is_file() {
@@ -133,7 +143,8 @@ fn resolve_local(root: &Path, name: &str, fp16: bool) -> Result<ModelFiles> {
 }
 
 fn env_flag(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    std::env::var(name)
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
 fn hub_cache() -> hf_hub::Cache {
@@ -152,7 +163,10 @@ fn resolve_hub(spec: &ModelSpec) -> Result<ModelFiles> {
     let api = if offline {
         None
     } else {
-        let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()).or_else(|| cache.token());
+        let token = std::env::var("HF_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| cache.token());
         let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
             .with_token(token)
             .with_progress(false)
@@ -177,7 +191,10 @@ fn resolve_hub(spec: &ModelSpec) -> Result<ModelFiles> {
             return Ok(p);
         }
         match &api {
-            None => Err(fail(file, "HF_HUB_OFFLINE is set and it is not in the cache".into())),
+            None => Err(fail(
+                file,
+                "HF_HUB_OFFLINE is set and it is not in the cache".into(),
+            )),
             Some(api) => api.get(file).map_err(|e| fail(file, e.to_string())),
         }
     };
@@ -203,7 +220,10 @@ fn resolve_hub(spec: &ModelSpec) -> Result<ModelFiles> {
         .context("cache path without parent")?
         .to_path_buf();
     get("tokenizer/merges.txt")?;
-    for optional in ["tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json"] {
+    for optional in [
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/special_tokens_map.json",
+    ] {
         let _ = get(optional);
     }
     Ok(ModelFiles {
@@ -223,9 +243,18 @@ fn resolve_hub(spec: &ModelSpec) -> Result<ModelFiles> {
 pub fn open_safetensors(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     // SAFETY: the file is mapped read-only; like every mmap user we rely on it not being
     // truncated while easel runs.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-        .with_context(|| format!("cannot read weights {} (not a valid safetensors file?)", path.display()))?;
-    Ok(VarBuilder::from_backend(Box::new(st), dtype, device.clone()))
+    let st =
+        unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.with_context(|| {
+            format!(
+                "cannot read weights {} (not a valid safetensors file?)",
+                path.display()
+            )
+        })?;
+    Ok(VarBuilder::from_backend(
+        Box::new(st),
+        dtype,
+        device.clone(),
+    ))
 }
 
 /// A backend that knows only names and shapes: it hands out zero-strided (unallocated)
@@ -256,10 +285,21 @@ impl ShapeOnlyBackend {
 }
 
 impl SimpleBackend for ShapeOnlyBackend {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
         if t.shape() != &s {
-            candle_core::bail!("shape mismatch for {name}: the file has {:?}, the model wants {:?}", t.dims(), s.dims());
+            candle_core::bail!(
+                "shape mismatch for {name}: the file has {:?}, the model wants {:?}",
+                t.dims(),
+                s.dims()
+            );
         }
         Ok(t)
     }

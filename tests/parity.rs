@@ -23,23 +23,40 @@ impl NoiseSource for NoNoise {
 
 #[test]
 fn tokenizer_gives_transformers_ids() {
-    let cases: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixtures().join("tokenizer_cases.json")).unwrap()).unwrap();
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixtures().join("tokenizer_cases.json")).unwrap(),
+    )
+    .unwrap();
     let tok = ClipTokenizer::from_dir(&common::model_dir("tiny-a").join("tokenizer"), 77).unwrap();
     let mut failures = Vec::new();
     let cases = cases["cases"].as_array().unwrap();
     assert!(cases.len() >= 40);
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let got = tok.encode(text).unwrap();
         if got.ids != want {
             failures.push(format!("{text:?}\n  want {want:?}\n  got  {:?}", got.ids));
         }
         let full = case["ids_untruncated"].as_array().unwrap().len();
-        assert_eq!(got.truncated.is_some(), full > 77, "truncation flag for {text:?}");
+        assert_eq!(
+            got.truncated.is_some(),
+            full > 77,
+            "truncation flag for {text:?}"
+        );
     }
-    assert!(failures.is_empty(), "{} of {} prompts differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} prompts differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -51,7 +68,11 @@ fn text_embeddings_match() {
         // Our tokenizer gives the same ids (checked broadly above); embed diffusers' ids here.
         for (i, prompt) in r.meta["prompts"].as_array().unwrap().iter().enumerate() {
             let ours = p.tokenizer().encode(prompt.as_str().unwrap()).unwrap().ids;
-            assert_eq!(ours, ids.get(i).unwrap().to_vec1::<u32>().unwrap(), "ids of {prompt}");
+            assert_eq!(
+                ours,
+                ids.get(i).unwrap().to_vec1::<u32>().unwrap(),
+                "ids of {prompt}"
+            );
         }
         let emb = p.text_encoder().forward(&ids).unwrap();
         let (err, scale) = max_abs_err(&emb, r.get("text.embeds"));
@@ -86,7 +107,10 @@ fn vae_decode_matches() {
         // the raw decoder output the fixture recorded.
         let latents = (r.get("vae.latents") * scaling).unwrap();
         let img = p.decode(&latents).unwrap();
-        let want = ((r.get("vae.out") / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
+        let want = ((r.get("vae.out") / 2.0).unwrap() + 0.5)
+            .unwrap()
+            .clamp(0f32, 1f32)
+            .unwrap();
         let (err, _) = max_abs_err(&img, &want);
         println!("{name}: VAE decode max abs err {err:.2e}");
         assert!(err < 1e-4, "{name}: VAE decode differs by {err}");
@@ -107,33 +131,72 @@ fn whole_pipeline_matches_step_by_step() {
             let negative = run["negative_prompt"].as_str().unwrap_or("");
             let steps = run["steps"].as_u64().unwrap() as usize;
 
-            let emb = p.encode_prompt(prompt, negative, guidance, &mut |_| {}).unwrap();
+            let emb = p
+                .encode_prompt(prompt, negative, guidance, &mut |_| {})
+                .unwrap();
             let (e_err, _) = max_abs_err(&emb, r.get(&format!("{id}.prompt_embeds")));
-            assert!(e_err < 1e-4, "{name}/{id}: prompt embeddings differ by {e_err}");
+            assert!(
+                e_err < 1e-4,
+                "{name}/{id}: prompt embeddings differ by {e_err}"
+            );
 
-            let mut sched = kind.build(p.scheduler_config(), run["eta"].as_f64().unwrap_or(0.0)).unwrap();
+            let mut sched = kind
+                .build(p.scheduler_config(), run["eta"].as_f64().unwrap_or(0.0))
+                .unwrap();
             sched.set_timesteps(steps).unwrap();
-            let want_ts: Vec<f64> = run["timesteps"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
-            assert_eq!(sched.timesteps(), want_ts.as_slice(), "{name}/{id}: timesteps");
+            let want_ts: Vec<f64> = run["timesteps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_f64().unwrap())
+                .collect();
+            assert_eq!(
+                sched.timesteps(),
+                want_ts.as_slice(),
+                "{name}/{id}: timesteps"
+            );
 
             let init = r.get(&format!("{id}.init_latents")).clone();
             let want_steps = r.get(&format!("{id}.latents"));
             let mut worst = 0f32;
             let mut per_step = Vec::new();
             let latents = p
-                .denoise(&emb, init, sched.as_mut(), guidance, &mut NoNoise, &mut |i, _, l| per_step.push((i, l.clone())))
+                .denoise(
+                    &emb,
+                    init,
+                    sched.as_mut(),
+                    guidance,
+                    &mut NoNoise,
+                    &mut |i, _, l| per_step.push((i, l.clone())),
+                )
                 .unwrap();
-            assert_eq!(per_step.len(), want_steps.dim(0).unwrap(), "{name}/{id}: number of steps");
+            assert_eq!(
+                per_step.len(),
+                want_steps.dim(0).unwrap(),
+                "{name}/{id}: number of steps"
+            );
             for (i, l) in &per_step {
                 let (err, scale) = max_abs_err(l, &want_steps.get(i - 1).unwrap());
                 worst = worst.max(err / scale.max(1.0));
             }
             let img = p.decode(&latents).unwrap().squeeze(0).unwrap();
-            let (f_err, _) = max_abs_err(&img.permute((1, 2, 0)).unwrap(), r.get(&format!("{id}.image_float")));
+            let (f_err, _) = max_abs_err(
+                &img.permute((1, 2, 0)).unwrap(),
+                r.get(&format!("{id}.image_float")),
+            );
             let rgb = Pipeline::to_rgb8(&img).unwrap();
-            let want_rgb = r.get(&format!("{id}.image")).flatten_all().unwrap().to_vec1::<u8>().unwrap();
+            let want_rgb = r
+                .get(&format!("{id}.image"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap();
             assert_eq!(rgb.len(), want_rgb.len());
-            let off_by_more = rgb.iter().zip(&want_rgb).filter(|(a, b)| a.abs_diff(**b) > 1).count();
+            let off_by_more = rgb
+                .iter()
+                .zip(&want_rgb)
+                .filter(|(a, b)| a.abs_diff(**b) > 1)
+                .count();
             let exact = rgb.iter().zip(&want_rgb).filter(|(a, b)| a == b).count();
             println!(
                 "{name}/{id} ({} {steps} steps, cfg {guidance}): latents max err {worst:.2e}, image float err {f_err:.2e}, \
@@ -141,7 +204,10 @@ fn whole_pipeline_matches_step_by_step() {
                 kind.name(),
                 rgb.len()
             );
-            assert!(worst < 1e-4, "{name}/{id}: per-step latents differ by {worst}");
+            assert!(
+                worst < 1e-4,
+                "{name}/{id}: per-step latents differ by {worst}"
+            );
             assert!(
                 (off_by_more as f64) <= 0.001 * rgb.len() as f64,
                 "{name}/{id}: {off_by_more} pixel values more than 1 level off"
@@ -159,7 +225,10 @@ fn seeded_initial_latents_match_diffusers() {
         for run in r.meta["runs"].as_array().unwrap() {
             let id = run["name"].as_str().unwrap();
             let seed = run["seed"].as_u64().unwrap();
-            let (w, h) = (run["width"].as_u64().unwrap() as usize, run["height"].as_u64().unwrap() as usize);
+            let (w, h) = (
+                run["width"].as_u64().unwrap() as usize,
+                run["height"].as_u64().unwrap() as usize,
+            );
             let mut g = easel::rng::TorchGenerator::new(seed);
             let ours = p.initial_latents(w, h, &mut g, 1.0).unwrap();
             let (err, _) = max_abs_err(&ours, r.get(&format!("{id}.init_latents")));
@@ -184,9 +253,22 @@ fn generate_with_seed_equals_diffusers_image() {
     req.scheduler = Some(SchedulerKind::parse(run["scheduler"].as_str().unwrap()).unwrap());
     let images = p.generate(&req, &mut |_| {}).unwrap();
     assert_eq!(images.len(), 1);
-    let want = r.get("run0.image").flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    let bad = images[0].rgb.iter().zip(&want).filter(|(a, b)| a.abs_diff(**b) > 1).count();
-    assert!(bad as f64 <= 0.001 * want.len() as f64, "{bad} pixel values more than 1 level off");
+    let want = r
+        .get("run0.image")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    let bad = images[0]
+        .rgb
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a.abs_diff(**b) > 1)
+        .count();
+    assert!(
+        bad as f64 <= 0.001 * want.len() as f64,
+        "{bad} pixel values more than 1 level off"
+    );
     assert_eq!((images[0].width, images[0].height), (req.width, req.height));
 }
 
@@ -195,7 +277,13 @@ fn default_request_uses_model_native_size() {
     let p = load_pipeline("tiny-a");
     let req = easel::pipeline::GenerationRequest::new("x", &p);
     let unet_sample = 16;
-    assert_eq!((req.width, req.height), (unet_sample * p.vae_scale_factor(), unet_sample * p.vae_scale_factor()));
+    assert_eq!(
+        (req.width, req.height),
+        (
+            unet_sample * p.vae_scale_factor(),
+            unet_sample * p.vae_scale_factor()
+        )
+    );
     assert_eq!(p.default_scheduler(), SchedulerKind::Pndm);
     let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
 }

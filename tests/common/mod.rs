@@ -33,20 +33,39 @@ pub struct Reference {
 impl Reference {
     pub fn load(name: &str) -> Self {
         let dir = fixtures().join("reference");
-        let tensors = candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu).expect("reference tensors");
-        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).expect("reference json")).expect("json");
+        let tensors =
+            candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu)
+                .expect("reference tensors");
+        let meta = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("{name}.json"))).expect("reference json"),
+        )
+        .expect("json");
         Self { tensors, meta }
     }
     pub fn get(&self, key: &str) -> &Tensor {
-        self.tensors.get(key).unwrap_or_else(|| panic!("reference tensor {key} missing"))
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("reference tensor {key} missing"))
     }
 }
 
 /// Largest absolute difference and largest |reference| (for a relative view).
 pub fn max_abs_err(ours: &Tensor, reference: &Tensor) -> (f32, f32) {
     assert_eq!(ours.dims(), reference.dims(), "shapes differ");
-    let o = ours.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let r = reference.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let o = ours
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let r = reference
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let mut err = 0f32;
     let mut scale = 0f32;
     for (a, b) in o.iter().zip(&r) {
