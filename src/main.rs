@@ -138,7 +138,7 @@ fn output_path(template: &str, seed: u64, index: usize, count: usize) -> PathBuf
 
 fn run(cli: Cli) -> Result<()> {
     if cli.list_schedulers {
-        print!("{}", SchedulerKind::help_table());
+        print!("{}", easel::scheduler::help_table());
         return Ok(());
     }
     let prompt = cli.prompt.clone().unwrap_or_default();
