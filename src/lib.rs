@@ -5,6 +5,7 @@
 //! [`output`] module writes them. The library never prints: progress is reported through a
 //! callback and the binary owns the terminal.
 
+pub mod batch;
 pub mod config;
 pub mod device;
 pub mod output;

@@ -1,17 +1,23 @@
 //! The `easel` command: argument parsing, progress display and file output around the
 //! library's pipeline.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
+use easel::batch::{
+    parse_prompt_file, plan_batch, with_seed_suffix, BatchOptions, BatchPlan, ItemPlan,
+    OutputTemplate, PlannedImage, PlannedItem, Shard, DEFAULT_TEMPLATE,
+};
 use easel::device::{device_name, select_device, select_dtype, DTypeChoice, DeviceChoice};
-use easel::output::{check_writable, write_png};
-use easel::pipeline::{GenerationRequest, Pipeline, Progress};
+use easel::output::{check_writable, read_parameters, write_png, PngParameters};
+use easel::pipeline::{Cancelled, GenerationRequest, Pipeline, Progress, RequestOverrides};
 use easel::scheduler::SchedulerKind;
 use easel::weights::{ModelSpec, DEFAULT_MODEL};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 const EXAMPLES: &str = "\
@@ -31,24 +37,28 @@ cache only, HF_TOKEN authenticates) or from a local folder in the diffusers layo
 #[command(name = "easel", version, about, after_help = EXAMPLES)]
 struct Cli {
     /// What to draw.
-    #[arg(required_unless_present = "list_schedulers")]
+    #[arg(
+        required_unless_present_any = ["list_schedulers", "prompt_file", "from_png"],
+        conflicts_with = "prompt_file"
+    )]
     prompt: Option<String>,
 
-    /// What to steer away from.
-    #[arg(short = 'n', long, default_value = "")]
-    negative_prompt: String,
+    /// What to steer away from [default: none].
+    #[arg(short = 'n', long)]
+    negative_prompt: Option<String>,
 
-    /// Seed for the initial noise (random when absent; always printed and recorded).
+    /// Seed for the initial noise (random when absent; always printed and recorded). In a
+    /// batch, the base seed: item i without its own seed gets seed + i × num-images.
     #[arg(short, long)]
     seed: Option<u64>,
 
-    /// Denoising steps.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
+    /// Denoising steps [default: 50].
+    #[arg(long)]
+    steps: Option<usize>,
 
-    /// Classifier-free guidance scale (1 turns guidance off).
-    #[arg(short, long, default_value_t = 7.5)]
-    guidance: f64,
+    /// Classifier-free guidance scale (1 turns guidance off) [default: 7.5].
+    #[arg(short, long)]
+    guidance: Option<f64>,
 
     /// Image width in pixels, a multiple of 8 [default: the model's, 512 for SD 1.x].
     #[arg(short = 'W', long)]
@@ -58,16 +68,21 @@ struct Cli {
     #[arg(short = 'H', long)]
     height: Option<usize>,
 
-    /// Output PNG; `{seed}` and `{index}` are replaced. With several images and neither
-    /// placeholder, `-{seed}` is added before the extension.
+    /// Output PNG (single prompt and --from-png); `{seed}` and `{index}` are replaced. With
+    /// several images and neither placeholder, `-{seed}` is added before the extension.
     #[arg(short, long, default_value = "easel-{seed}.png")]
     output: String,
 
     /// Replace existing output files.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
 
-    /// Images to make, with seeds seed, seed+1, …
+    /// Skip images whose output file already exists (finish an interrupted batch; needs
+    /// the same --seed as the first run when lines carry no seeds).
+    #[arg(long)]
+    resume: bool,
+
+    /// Images to make per prompt, with seeds seed, seed+1, …
     #[arg(long, default_value_t = 1)]
     num_images: usize,
 
@@ -79,13 +94,47 @@ struct Cli {
     #[arg(long)]
     list_schedulers: bool,
 
-    /// DDIM eta (0 deterministic, 1 DDPM-like).
-    #[arg(long, default_value_t = 0.0)]
-    eta: f64,
+    /// DDIM eta (0 deterministic, 1 DDPM-like) [default: 0].
+    #[arg(long)]
+    eta: Option<f64>,
 
-    /// Hub repo id or local folder in the diffusers layout.
-    #[arg(short, long, env = "EASEL_MODEL", default_value = DEFAULT_MODEL)]
-    model: String,
+    /// Prompts, one per line, or JSON Lines ({"prompt": …, "seed": …, …}); `-` reads stdin.
+    /// The model loads once for all of them.
+    #[arg(long, value_name = "FILE", conflicts_with = "from_png")]
+    prompt_file: Option<String>,
+
+    /// Folder for a prompt file's images (created if missing).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = ".",
+        requires = "prompt_file"
+    )]
+    out_dir: PathBuf,
+
+    /// File names for a prompt file's images: {index} (position in the file), {image},
+    /// {seed}, {prompt_slug}; e.g. {index:05} zero-pads.
+    #[arg(long, default_value = DEFAULT_TEMPLATE, requires = "prompt_file")]
+    output_template: String,
+
+    /// Run only items K, K+N, K+2N, … of the prompt file (K is 0-based: 0 ≤ K < N), so N
+    /// machines can split one file with no coordination.
+    #[arg(long, value_name = "K/N", requires = "prompt_file")]
+    shard: Option<Shard>,
+
+    /// Re-make the image a PNG's `parameters` describe (easel's or AUTOMATIC1111's);
+    /// other flags override single fields.
+    #[arg(long, value_name = "PNG")]
+    from_png: Option<PathBuf>,
+
+    /// Print one JSON object per finished image on stdout (human text stays on stderr).
+    #[arg(long)]
+    json: bool,
+
+    /// Hub repo id or local folder in the diffusers layout [default: runwayml's SD 1.5, or
+    /// the model a --from-png image names].
+    #[arg(short, long, env = "EASEL_MODEL")]
+    model: Option<String>,
 
     /// Hub revision (branch, tag or commit).
     #[arg(long, default_value = "main")]
@@ -104,10 +153,20 @@ struct Cli {
     quiet: bool,
 }
 
+/// How a run ended, for the exit status.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Done,
+    SomeFailed,
+    Interrupted,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::SomeFailed) => ExitCode::from(3),
+        Ok(Outcome::Interrupted) => ExitCode::from(130),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -115,63 +174,193 @@ fn main() -> ExitCode {
     }
 }
 
-/// The output path of one image.
+/// The output path of one image of a single-prompt run.
 fn output_path(template: &str, seed: u64, index: usize, count: usize) -> PathBuf {
-    let mut s = template
+    let s = template
         .replace("{seed}", &seed.to_string())
         .replace("{index}", &index.to_string());
     if count > 1 && !template.contains("{seed}") && !template.contains("{index}") {
-        let p = Path::new(template);
-        let stem = p
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let ext = p
-            .extension()
-            .map(|e| format!(".{}", e.to_string_lossy()))
-            .unwrap_or_default();
-        let name = format!("{stem}-{seed}{ext}");
-        s = p.with_file_name(name).to_string_lossy().into_owned();
+        return PathBuf::from(with_seed_suffix(template, seed));
     }
     PathBuf::from(s)
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// The command line's request fields (None where the user said nothing).
+fn cli_overrides(cli: &Cli) -> Result<RequestOverrides> {
+    Ok(RequestOverrides {
+        prompt: cli.prompt.clone(),
+        negative_prompt: cli.negative_prompt.clone(),
+        seed: cli.seed,
+        steps: cli.steps,
+        guidance: cli.guidance,
+        width: cli.width,
+        height: cli.height,
+        scheduler: cli
+            .scheduler
+            .as_deref()
+            .map(SchedulerKind::parse)
+            .transpose()?,
+        eta: cli.eta,
+    })
+}
+
+/// A one-item plan for a single prompt or a --from-png run, named by `-o`.
+fn single_plan(cli: &Cli, overrides: RequestOverrides) -> BatchPlan {
+    let seed0 = overrides.seed.unwrap_or(0);
+    let mut conflicts = Vec::new();
+    let images = (0..cli.num_images)
+        .map(|i| {
+            let seed = seed0.wrapping_add(i as u64);
+            let path = output_path(&cli.output, seed, i, cli.num_images);
+            let exists = path.exists();
+            if exists && !cli.resume && !cli.overwrite {
+                conflicts.push(path.clone());
+            }
+            PlannedImage {
+                image: i,
+                seed,
+                skip: exists && cli.resume,
+                path,
+            }
+        })
+        .collect();
+    BatchPlan {
+        items: vec![ItemPlan::Ready(PlannedItem {
+            index: 0,
+            line: 0,
+            overrides,
+            images,
+        })],
+        conflicts,
+        seeded_from_base: 0,
+    }
+}
+
+fn read_prompt_file(name: &str) -> Result<String> {
+    if name == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read prompts from stdin")?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(name).with_context(|| format!("cannot read the prompt file {name}"))
+}
+
+fn run(cli: Cli) -> Result<Outcome> {
     if cli.list_schedulers {
         print!("{}", easel::scheduler::help_table());
-        return Ok(());
+        return Ok(Outcome::Done);
     }
-    let prompt = cli.prompt.clone().unwrap_or_default();
-    let scheduler = cli
-        .scheduler
-        .as_deref()
-        .map(SchedulerKind::parse)
-        .transpose()?;
+    let quiet = cli.quiet;
     let status = |msg: &str| {
-        if !cli.quiet {
+        if !quiet {
             eprintln!("{msg}");
         }
     };
+    let mut defaults = cli_overrides(&cli)?;
+    let mut model = cli.model.clone();
+    let batch = cli.prompt_file.is_some();
+
+    let plan = if let Some(file) = &cli.prompt_file {
+        let items = parse_prompt_file(&read_prompt_file(file)?);
+        let template = OutputTemplate::parse(&cli.output_template)?;
+        let base_seed = cli.seed.unwrap_or_else(easel::rng::random_seed);
+        let opts = BatchOptions {
+            defaults: defaults.clone(),
+            base_seed,
+            num_images: cli.num_images,
+            template,
+            out_dir: cli.out_dir.clone(),
+            shard: cli.shard,
+            resume: cli.resume,
+            overwrite: cli.overwrite,
+        };
+        let plan = plan_batch(&items, &opts, &|p| p.exists());
+        if cli.resume && cli.seed.is_none() && plan.seeded_from_base > 0 {
+            bail!("--resume needs --seed: lines without a seed take theirs from the base seed, and a new random one would remake everything (the first run printed its base seed)");
+        }
+        let shard = cli
+            .shard
+            .map(|s| format!(", shard {}/{}", s.index, s.count))
+            .unwrap_or_default();
+        status(&format!(
+            "batch: {} items in the file{shard}, {} here; base seed {base_seed}",
+            items.len(),
+            plan.items.len()
+        ));
+        plan
+    } else if let Some(png) = &cli.from_png {
+        let text = read_parameters(png)?.with_context(|| {
+            format!("{} has no `parameters` text chunk to re-run", png.display())
+        })?;
+        let params = PngParameters::parse(&text);
+        let recorded = params.to_overrides(defaults.scheduler.is_none())?;
+        if model.is_none() {
+            match params.get("Model") {
+                Some(m) if params.from_easel() => model = Some(m.to_string()),
+                Some(m) => status(&format!(
+                    "note: the PNG names model {m:?} (not an easel model name); using {DEFAULT_MODEL} unless --model says otherwise"
+                )),
+                None => {}
+            }
+        }
+        defaults = defaults.or(&recorded);
+        defaults.seed = Some(defaults.seed.unwrap_or_else(easel::rng::random_seed));
+        single_plan(&cli, defaults)
+    } else {
+        if cli.resume && cli.seed.is_none() {
+            bail!("--resume needs --seed (a random seed would name a different file)");
+        }
+        defaults.seed = Some(cli.seed.unwrap_or_else(easel::rng::random_seed));
+        single_plan(&cli, defaults)
+    };
+
+    // Refuse before any download or compute: existing outputs and missing folders.
+    if let Some(first) = plan.conflicts.first() {
+        let more = match plan.conflicts.len() {
+            1 => String::new(),
+            n => format!(" (and {} more)", n - 1),
+        };
+        bail!(
+            "{} already exists{more}; pass --overwrite to replace it{}",
+            first.display(),
+            if batch { " or --resume to skip it" } else { "" }
+        );
+    }
+    if batch {
+        std::fs::create_dir_all(&cli.out_dir)
+            .with_context(|| format!("cannot create {}", cli.out_dir.display()))?;
+    }
+    for image in plan.ready().flat_map(|i| &i.images).filter(|i| !i.skip) {
+        check_writable(&image.path, cli.overwrite)?;
+    }
+
+    let mut tally = Tally::default();
+    for item in &plan.items {
+        if let ItemPlan::Failed { index, line, error } = item {
+            eprintln!("error: item {index} (line {line}): {error}");
+            tally.failed += 1;
+        }
+    }
+    for image in plan.ready().flat_map(|i| &i.images).filter(|i| i.skip) {
+        status(&format!("skipped {} (exists)", image.path.display()));
+        tally.skipped += 1;
+    }
+    if plan.images_to_make() == 0 {
+        return Ok(tally.finish(batch, &status, false));
+    }
 
     let device = select_device(cli.device)?;
     let dtype = select_dtype(cli.dtype, &device)?;
-    let seed = cli.seed.unwrap_or_else(easel::rng::random_seed);
-    // Fail on unwritable outputs before any download or compute.
-    let paths: Vec<PathBuf> = (0..cli.num_images)
-        .map(|i| output_path(&cli.output, seed.wrapping_add(i as u64), i, cli.num_images))
-        .collect();
-    for p in &paths {
-        check_writable(p, cli.overwrite)?;
-    }
-
+    let model = model.unwrap_or_else(|| DEFAULT_MODEL.to_string());
     let t0 = Instant::now();
     status(&format!(
-        "loading {} on {} ({dtype:?})",
-        cli.model,
+        "loading {model} on {} ({dtype:?})",
         device_name(&device)
     ));
     let spec = ModelSpec {
-        model: cli.model.clone(),
+        model: model.clone(),
         revision: cli.revision.clone(),
         prefer_fp16: dtype == candle_core::DType::F16,
     };
@@ -179,26 +368,96 @@ fn run(cli: Cli) -> Result<()> {
     let pipeline = Pipeline::load(&files, &device, dtype)?;
     status(&format!("loaded in {:.1}s", t0.elapsed().as_secs_f64()));
 
-    let mut req = GenerationRequest::new(prompt, &pipeline);
-    req.negative_prompt = cli.negative_prompt.clone();
-    req.steps = cli.steps;
-    req.guidance = cli.guidance;
-    req.seed = seed;
-    req.num_images = cli.num_images;
-    req.scheduler = scheduler;
-    req.eta = cli.eta;
-    if let Some(w) = cli.width {
-        req.width = w;
+    // First Ctrl-C: drop the image in flight, keep finished ones, stop. Second: quit now.
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        ctrlc::set_handler(move || {
+            if cancel.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: stopping after cleaning up (Ctrl-C again to quit now)");
+        })
+        .context("cannot install the Ctrl-C handler")?;
     }
-    if let Some(h) = cli.height {
-        req.height = h;
-    }
-    pipeline.validate(&req)?;
 
-    let show_bar = !cli.quiet && std::io::stderr().is_terminal();
+    let bar = progress_bar(!quiet && std::io::stderr().is_terminal())?;
+    let total_items = plan.ready().count();
+    for (n, item) in plan.ready().enumerate() {
+        if cancel.load(Ordering::SeqCst) {
+            break;
+        }
+        let result = run_item(
+            &cli,
+            &pipeline,
+            item,
+            &cancel,
+            &bar,
+            &mut tally,
+            n,
+            total_items,
+        );
+        match result {
+            Ok(()) => {}
+            Err(e) if e.is::<Cancelled>() => break,
+            Err(e) if !batch => {
+                bar.finish_and_clear();
+                return Err(e);
+            }
+            Err(e) => {
+                bar.suspend(|| eprintln!("error: item {} (line {}): {e:#}", item.index, item.line));
+                tally.failed += 1;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let interrupted = cancel.load(Ordering::SeqCst);
+    if interrupted {
+        tally.not_done = plan.images_to_make() - tally.written;
+    }
+    Ok(tally.finish(batch, &status, interrupted))
+}
+
+/// Counts for the closing summary.
+#[derive(Default)]
+struct Tally {
+    written: usize,
+    skipped: usize,
+    failed: usize,
+    not_done: usize,
+}
+
+impl Tally {
+    fn finish(&self, batch: bool, status: &dyn Fn(&str), interrupted: bool) -> Outcome {
+        if batch || interrupted {
+            let mut s = format!(
+                "summary: {} written, {} skipped (already there), {} failed",
+                self.written, self.skipped, self.failed
+            );
+            if interrupted {
+                s.push_str(&format!(", {} not made (interrupted)", self.not_done));
+            }
+            // The summary goes out even with --quiet when something went wrong.
+            if self.failed > 0 || interrupted {
+                eprintln!("{s}");
+            } else {
+                status(&s);
+            }
+        }
+        if interrupted {
+            Outcome::Interrupted
+        } else if self.failed > 0 {
+            Outcome::SomeFailed
+        } else {
+            Outcome::Done
+        }
+    }
+}
+
+fn progress_bar(show: bool) -> Result<ProgressBar> {
     let bar = ProgressBar::with_draw_target(
         None,
-        if show_bar {
+        if show {
             ProgressDrawTarget::stderr()
         } else {
             ProgressDrawTarget::hidden()
@@ -211,37 +470,83 @@ fn run(cli: Cli) -> Result<()> {
         .context("progress template")?
         .progress_chars("=> "),
     );
-    let quiet = cli.quiet;
-    let mut progress = |p: Progress| match p {
-        Progress::Warning(w) => bar.suspend(|| eprintln!("warning: {w}")),
-        Progress::ImageStarted { index, count, seed } => {
-            bar.reset();
-            bar.set_prefix(format!("image {}/{count} seed {seed}", index + 1));
-            bar.set_message("");
-        }
-        Progress::Step { step, total } => {
-            bar.set_length(total as u64);
-            bar.set_position(step as u64);
-        }
-        Progress::Decoding => bar.set_message("decoding"),
-    };
-    let mut written = 0;
-    pipeline.generate_each(&req, &mut progress, &mut |image| {
-        let path = &paths[written];
-        write_png(path, &image, cli.overwrite)?;
-        written += 1;
-        if !quiet {
-            bar.suspend(|| {
-                eprintln!(
-                    "wrote {} (seed {}, {:.1}s)",
-                    path.display(),
-                    image.metadata.seed,
-                    image.seconds
-                )
-            });
-        }
-        Ok(())
-    })?;
-    bar.finish_and_clear();
+    Ok(bar)
+}
+
+/// Makes and writes the images of one item that are not already there.
+#[allow(clippy::too_many_arguments)]
+fn run_item(
+    cli: &Cli,
+    pipeline: &Pipeline,
+    item: &PlannedItem,
+    cancel: &AtomicBool,
+    bar: &ProgressBar,
+    tally: &mut Tally,
+    n: usize,
+    total_items: usize,
+) -> Result<()> {
+    let mut req = GenerationRequest::new(String::new(), pipeline);
+    item.overrides.apply(&mut req);
+    pipeline.validate(&req)?;
+    let count = item.images.len();
+    for image in item.images.iter().filter(|i| !i.skip) {
+        req.seed = image.seed;
+        req.num_images = 1;
+        let prefix = if total_items > 1 {
+            format!("[{}/{total_items}] ", n + 1)
+        } else {
+            String::new()
+        };
+        let mut progress = |p: Progress| match p {
+            Progress::Warning(w) => bar.suspend(|| eprintln!("warning: {w}")),
+            Progress::ImageStarted { seed, .. } => {
+                bar.reset();
+                bar.set_prefix(format!(
+                    "{prefix}image {}/{count} seed {seed}",
+                    image.image + 1
+                ));
+                bar.set_message("");
+            }
+            Progress::Step { step, total } => {
+                bar.set_length(total as u64);
+                bar.set_position(step as u64);
+            }
+            Progress::Decoding => bar.set_message("decoding"),
+        };
+        pipeline.generate_each_cancellable(&req, cancel, &mut progress, &mut |img| {
+            write_png(&image.path, &img, cli.overwrite)?;
+            tally.written += 1;
+            if cli.json {
+                let m = &img.metadata;
+                let line = serde_json::json!({
+                    "path": image.path,
+                    "index": item.index,
+                    "image": image.image,
+                    "prompt": m.prompt,
+                    "negative_prompt": m.negative_prompt,
+                    "seed": m.seed,
+                    "steps": m.steps,
+                    "sampler": m.sampler.name(),
+                    "guidance": m.guidance,
+                    "width": m.width,
+                    "height": m.height,
+                    "model": m.model,
+                    "seconds": img.seconds,
+                });
+                println!("{line}");
+            }
+            if !cli.quiet {
+                bar.suspend(|| {
+                    eprintln!(
+                        "wrote {} (seed {}, {:.1}s)",
+                        image.path.display(),
+                        img.metadata.seed,
+                        img.seconds
+                    )
+                });
+            }
+            Ok(())
+        })?;
+    }
     Ok(())
 }

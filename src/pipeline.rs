@@ -14,7 +14,28 @@ use crate::weights::{open_safetensors, ModelFiles};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+
+/// The error [`Pipeline::generate_each_cancellable`] returns when its cancel flag was set:
+/// distinct from failures so callers can stop a batch quietly (`err.is::<Cancelled>()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancelled;
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cancelled")
+    }
+}
+
+impl std::error::Error for Cancelled {}
+
+fn check_cancel(cancel: &AtomicBool) -> Result<()> {
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Cancelled.into());
+    }
+    Ok(())
+}
 
 /// Everything that determines one image (or `num_images` images with seeds seed, seed+1…).
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +52,73 @@ pub struct GenerationRequest {
     pub scheduler: Option<SchedulerKind>,
     /// DDIM's eta (0 = deterministic).
     pub eta: f64,
+}
+
+/// Request fields that may be unset, so sources can be layered: a prompt-file line over
+/// the command line, the command line over a PNG's recorded parameters, all over the
+/// model's defaults. `None` means "not said here".
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestOverrides {
+    pub prompt: Option<String>,
+    pub negative_prompt: Option<String>,
+    pub seed: Option<u64>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub scheduler: Option<SchedulerKind>,
+    pub eta: Option<f64>,
+}
+
+impl RequestOverrides {
+    /// `self` where it says something, else `lower`.
+    pub fn or(&self, lower: &Self) -> Self {
+        Self {
+            prompt: self.prompt.clone().or_else(|| lower.prompt.clone()),
+            negative_prompt: self
+                .negative_prompt
+                .clone()
+                .or_else(|| lower.negative_prompt.clone()),
+            seed: self.seed.or(lower.seed),
+            steps: self.steps.or(lower.steps),
+            guidance: self.guidance.or(lower.guidance),
+            width: self.width.or(lower.width),
+            height: self.height.or(lower.height),
+            scheduler: self.scheduler.or(lower.scheduler),
+            eta: self.eta.or(lower.eta),
+        }
+    }
+
+    /// Sets the fields of `req` that these overrides say.
+    pub fn apply(&self, req: &mut GenerationRequest) {
+        if let Some(v) = &self.prompt {
+            req.prompt = v.clone();
+        }
+        if let Some(v) = &self.negative_prompt {
+            req.negative_prompt = v.clone();
+        }
+        if let Some(v) = self.seed {
+            req.seed = v;
+        }
+        if let Some(v) = self.steps {
+            req.steps = v;
+        }
+        if let Some(v) = self.guidance {
+            req.guidance = v;
+        }
+        if let Some(v) = self.width {
+            req.width = v;
+        }
+        if let Some(v) = self.height {
+            req.height = v;
+        }
+        if self.scheduler.is_some() {
+            req.scheduler = self.scheduler;
+        }
+        if let Some(v) = self.eta {
+            req.eta = v;
+        }
+    }
 }
 
 impl GenerationRequest {
@@ -305,16 +393,41 @@ impl Pipeline {
     pub fn denoise(
         &self,
         embeddings: &Tensor,
+        latents: Tensor,
+        scheduler: &mut dyn Scheduler,
+        guidance: f64,
+        noise: &mut dyn NoiseSource,
+        on_step: &mut dyn FnMut(usize, usize, &Tensor),
+    ) -> Result<Tensor> {
+        self.denoise_cancellable(
+            embeddings,
+            latents,
+            scheduler,
+            guidance,
+            noise,
+            &AtomicBool::new(false),
+            on_step,
+        )
+    }
+
+    /// [`Pipeline::denoise`] that returns [`Cancelled`] as soon as `cancel` is set, checked
+    /// before every UNet call (a step is the finest point where stopping is cheap).
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise_cancellable(
+        &self,
+        embeddings: &Tensor,
         mut latents: Tensor,
         scheduler: &mut dyn Scheduler,
         guidance: f64,
         noise: &mut dyn NoiseSource,
+        cancel: &AtomicBool,
         on_step: &mut dyn FnMut(usize, usize, &Tensor),
     ) -> Result<Tensor> {
         let cfg = embeddings.dim(0)? == 2;
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
+            check_cancel(cancel)?;
             let input = if cfg {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
@@ -363,11 +476,25 @@ impl Pipeline {
         progress: &mut dyn FnMut(Progress),
         sink: &mut dyn FnMut(GeneratedImage) -> Result<()>,
     ) -> Result<()> {
+        self.generate_each_cancellable(req, &AtomicBool::new(false), progress, sink)
+    }
+
+    /// [`Pipeline::generate_each`] that stops with [`Cancelled`] once `cancel` is set (e.g.
+    /// by a Ctrl-C handler, or from `progress`). The image in flight is dropped before it
+    /// reaches `sink`, so nothing half-made is written; images already handed over are kept.
+    pub fn generate_each_cancellable(
+        &self,
+        req: &GenerationRequest,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(Progress),
+        sink: &mut dyn FnMut(GeneratedImage) -> Result<()>,
+    ) -> Result<()> {
         self.validate(req)?;
         let kind = req.scheduler.unwrap_or(self.default_scheduler);
         let embeddings =
             self.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance, progress)?;
         for index in 0..req.num_images {
+            check_cancel(cancel)?;
             let start = Instant::now();
             let seed = req.seed.wrapping_add(index as u64);
             progress(Progress::ImageStarted {
@@ -384,16 +511,19 @@ impl Pipeline {
                 &mut rng,
                 scheduler.init_noise_sigma(),
             )?;
-            let latents = self.denoise(
+            let latents = self.denoise_cancellable(
                 &embeddings,
                 latents,
                 scheduler.as_mut(),
                 req.guidance,
                 &mut rng,
+                cancel,
                 &mut |step, total, _| progress(Progress::Step { step, total }),
             )?;
+            check_cancel(cancel)?;
             progress(Progress::Decoding);
             let image = self.decode(&latents)?.squeeze(0)?;
+            check_cancel(cancel)?;
             let (_, h, w) = image.dims3()?;
             sink(GeneratedImage {
                 rgb: Self::to_rgb8(&image)?,
