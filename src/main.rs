@@ -2,7 +2,9 @@
 //! library's pipeline.
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use easel::batch::{
     parse_prompt_file, plan_batch, with_seed_suffix, BatchOptions, BatchPlan, ItemPlan,
     OutputTemplate, PlannedImage, PlannedItem, Shard, DEFAULT_TEMPLATE,
@@ -104,22 +106,17 @@ struct Cli {
     prompt_file: Option<String>,
 
     /// Folder for a prompt file's images (created if missing).
-    #[arg(
-        long,
-        value_name = "DIR",
-        default_value = ".",
-        requires = "prompt_file"
-    )]
+    #[arg(long, value_name = "DIR", default_value = ".")]
     out_dir: PathBuf,
 
     /// File names for a prompt file's images: {index} (position in the file), {image},
     /// {seed}, {prompt_slug}; e.g. {index:05} zero-pads.
-    #[arg(long, default_value = DEFAULT_TEMPLATE, requires = "prompt_file")]
+    #[arg(long, default_value = DEFAULT_TEMPLATE)]
     output_template: String,
 
     /// Run only items K, K+N, K+2N, … of the prompt file (K is 0-based: 0 ≤ K < N), so N
     /// machines can split one file with no coordination.
-    #[arg(long, value_name = "K/N", requires = "prompt_file")]
+    #[arg(long, value_name = "K/N")]
     shard: Option<Shard>,
 
     /// Re-make the image a PNG's `parameters` describe (easel's or AUTOMATIC1111's);
@@ -131,10 +128,14 @@ struct Cli {
     #[arg(long)]
     json: bool,
 
-    /// Hub repo id or local folder in the diffusers layout [default: runwayml's SD 1.5, or
-    /// the model a --from-png image names].
-    #[arg(short, long, env = "EASEL_MODEL")]
-    model: Option<String>,
+    /// Hub repo id or local folder in the diffusers layout (--from-png: unless given, the
+    /// model an easel PNG names).
+    #[arg(short, long, env = "EASEL_MODEL", default_value = DEFAULT_MODEL)]
+    model: String,
+
+    /// Whether --model (or EASEL_MODEL) was given rather than defaulted.
+    #[arg(skip)]
+    model_given: bool,
 
     /// Hub revision (branch, tag or commit).
     #[arg(long, default_value = "main")]
@@ -162,7 +163,29 @@ enum Outcome {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let given = |id: &str| {
+        matches
+            .value_source(id)
+            .is_some_and(|s| s != ValueSource::DefaultValue)
+    };
+    cli.model_given = given("model");
+    // Checked here: clap waives `requires` when a conflicting argument is present.
+    for (id, flag) in [
+        ("out_dir", "--out-dir"),
+        ("output_template", "--output-template"),
+        ("shard", "--shard"),
+    ] {
+        if given(id) && cli.prompt_file.is_none() {
+            Cli::command()
+                .error(
+                    ErrorKind::MissingRequiredArgument,
+                    format!("{flag} applies to batches: it needs --prompt-file"),
+                )
+                .exit();
+        }
+    }
     match run(cli) {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::SomeFailed) => ExitCode::from(3),
@@ -259,16 +282,18 @@ fn run(cli: Cli) -> Result<Outcome> {
         }
     };
     let mut defaults = cli_overrides(&cli)?;
-    let mut model = cli.model.clone();
+    let mut model = cli.model_given.then(|| cli.model.clone());
     let batch = cli.prompt_file.is_some();
+    let mut base_seed = None;
 
     let plan = if let Some(file) = &cli.prompt_file {
         let items = parse_prompt_file(&read_prompt_file(file)?);
         let template = OutputTemplate::parse(&cli.output_template)?;
-        let base_seed = cli.seed.unwrap_or_else(easel::rng::random_seed);
+        let seed = cli.seed.unwrap_or_else(easel::rng::random_seed);
+        base_seed = Some(seed);
         let opts = BatchOptions {
             defaults: defaults.clone(),
-            base_seed,
+            base_seed: seed,
             num_images: cli.num_images,
             template,
             out_dir: cli.out_dir.clone(),
@@ -285,7 +310,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             .map(|s| format!(", shard {}/{}", s.index, s.count))
             .unwrap_or_default();
         status(&format!(
-            "batch: {} items in the file{shard}, {} here; base seed {base_seed}",
+            "batch: {} items in the file{shard}, {} here; base seed {seed}",
             items.len(),
             plan.items.len()
         ));
@@ -336,7 +361,10 @@ fn run(cli: Cli) -> Result<Outcome> {
         check_writable(&image.path, cli.overwrite)?;
     }
 
-    let mut tally = Tally::default();
+    let mut tally = Tally {
+        base_seed,
+        ..Tally::default()
+    };
     for item in &plan.items {
         if let ItemPlan::Failed { index, line, error } = item {
             eprintln!("error: item {index} (line {line}): {error}");
@@ -425,6 +453,8 @@ struct Tally {
     skipped: usize,
     failed: usize,
     not_done: usize,
+    /// A batch's base seed, for the resume hint.
+    base_seed: Option<u64>,
 }
 
 impl Tally {
@@ -436,6 +466,11 @@ impl Tally {
             );
             if interrupted {
                 s.push_str(&format!(", {} not made (interrupted)", self.not_done));
+                if let Some(seed) = self.base_seed {
+                    s.push_str(&format!(
+                        "; to finish, rerun the same command with --seed {seed} --resume"
+                    ));
+                }
             }
             // The summary goes out even with --quiet when something went wrong.
             if self.failed > 0 || interrupted {

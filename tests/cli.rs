@@ -257,6 +257,11 @@ fn shards_split_a_file_with_global_indices_and_no_collisions() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("0-based"));
+    easel(t.path())
+        .args(["a cat", "--shard", "0/2"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--shard applies to batches"));
 }
 
 #[test]
@@ -435,7 +440,12 @@ fn sigint_keeps_finished_images_and_leaves_no_partial_files() {
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(130), "{stderr}");
-    assert!(stderr.contains("not made (interrupted)"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "not made (interrupted); to finish, rerun the same command with --seed 0 --resume"
+        ),
+        "{stderr}"
+    );
     let names = pngs(&out);
     assert!(!names.is_empty() && names.len() < 400, "{}", names.len());
     for n in &names {
