@@ -444,11 +444,14 @@ pub fn plan_batch(
     };
     let mut taken: HashMap<PathBuf, usize> = HashMap::new();
     for item in items {
-        if let Some(shard) = opts.shard {
-            if !shard.contains(item.index) {
-                continue;
+        // Names are worked out for every item, so a clash with another shard's item is
+        // found here too; only this shard's items are planned.
+        let mine = opts.shard.is_none_or(|s| s.contains(item.index));
+        let mut push = |p: ItemPlan| {
+            if mine {
+                plan.items.push(p);
             }
-        }
+        };
         let failed = |error: String| ItemPlan::Failed {
             index: item.index,
             line: item.line,
@@ -457,12 +460,12 @@ pub fn plan_batch(
         let spec = match &item.spec {
             Ok(s) => s,
             Err(e) => {
-                plan.items.push(failed(e.clone()));
+                push(failed(e.clone()));
                 continue;
             }
         };
         let mut overrides = spec.overrides.or(&opts.defaults);
-        if spec.overrides.seed.is_none() {
+        if mine && spec.overrides.seed.is_none() {
             plan.seeded_from_base += 1;
         }
         let seed0 = spec
@@ -479,7 +482,7 @@ pub fn plan_batch(
             None => None,
             Some(Ok(t)) => Some(t),
             Some(Err(e)) => {
-                plan.items.push(failed(format!("output: {e}")));
+                push(failed(format!("output: {e}")));
                 continue;
             }
         };
@@ -507,7 +510,7 @@ pub fn plan_batch(
                 break;
             }
             taken.insert(path.clone(), item.index);
-            let present = exists(&path);
+            let present = mine && exists(&path);
             if present && !opts.resume && !opts.overwrite {
                 plan.conflicts.push(path.clone());
             }
@@ -519,10 +522,10 @@ pub fn plan_batch(
             });
         }
         if let Some(e) = clash {
-            plan.items.push(failed(e));
+            push(failed(e));
             continue;
         }
-        plan.items.push(ItemPlan::Ready(PlannedItem {
+        push(ItemPlan::Ready(PlannedItem {
             index: item.index,
             line: item.line,
             overrides,
@@ -530,6 +533,85 @@ pub fn plan_batch(
         }));
     }
     plan
+}
+
+/// Path of image `image` (seed `seed`) of a single-prompt run named by `-o`: `{seed}` and
+/// `{index}` are replaced; with several images and neither, `-{seed}` is added.
+pub fn single_output_path(output: &str, seed: u64, image: usize, count: usize) -> PathBuf {
+    if count > 1 && !output.contains("{seed}") && !output.contains("{index}") {
+        return PathBuf::from(with_seed_suffix(output, seed));
+    }
+    PathBuf::from(
+        output
+            .replace("{seed}", &seed.to_string())
+            .replace("{index}", &image.to_string()),
+    )
+}
+
+/// A one-item plan for a single prompt (or `--from-png`), named by `-o`. `overrides.seed`
+/// is image 0's seed. The `-o` path is the user's own, so it is not sanitised.
+pub fn plan_single(
+    output: &str,
+    overrides: RequestOverrides,
+    num_images: usize,
+    resume: bool,
+    overwrite: bool,
+    exists: &dyn Fn(&Path) -> bool,
+) -> BatchPlan {
+    let seed0 = overrides.seed.unwrap_or(0);
+    let mut conflicts = Vec::new();
+    let images = (0..num_images)
+        .map(|image| {
+            let seed = seed0.wrapping_add(image as u64);
+            let path = single_output_path(output, seed, image, num_images);
+            let present = exists(&path);
+            if present && !resume && !overwrite {
+                conflicts.push(path.clone());
+            }
+            PlannedImage {
+                image,
+                seed,
+                skip: present && resume,
+                path,
+            }
+        })
+        .collect();
+    BatchPlan {
+        items: vec![ItemPlan::Ready(PlannedItem {
+            index: 0,
+            line: 0,
+            overrides,
+            images,
+        })],
+        conflicts,
+        seeded_from_base: 0,
+    }
+}
+
+/// The `--json` line for a finished image: what made it and where it is, so scripts need
+/// not parse the human messages.
+pub fn image_record(
+    path: &Path,
+    index: usize,
+    image: usize,
+    img: &crate::pipeline::GeneratedImage,
+) -> serde_json::Value {
+    let m = &img.metadata;
+    serde_json::json!({
+        "path": path,
+        "index": index,
+        "image": image,
+        "prompt": m.prompt,
+        "negative_prompt": m.negative_prompt,
+        "seed": m.seed,
+        "steps": m.steps,
+        "sampler": m.sampler.name(),
+        "guidance": m.guidance,
+        "width": m.width,
+        "height": m.height,
+        "model": m.model,
+        "seconds": img.seconds,
+    })
 }
 
 #[cfg(test)]
@@ -751,6 +833,36 @@ mod tests {
     }
 
     #[test]
+    fn single_runs_name_images_by_seed() {
+        let o = RequestOverrides {
+            seed: Some(9),
+            ..Default::default()
+        };
+        let plan = plan_single("x/easel.png", o.clone(), 2, false, false, &|p| {
+            p.ends_with("easel-10.png")
+        });
+        let paths: Vec<_> = plan
+            .ready()
+            .flat_map(|i| &i.images)
+            .map(|i| i.path.clone())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                PathBuf::from("x/easel-9.png"),
+                PathBuf::from("x/easel-10.png")
+            ]
+        );
+        assert_eq!(plan.conflicts, [PathBuf::from("x/easel-10.png")]);
+        assert_eq!(
+            single_output_path("a-{seed}-{index}.png", 9, 1, 2),
+            PathBuf::from("a-9-1.png")
+        );
+        let plan = plan_single("one.png", o, 1, true, false, &|_| true);
+        assert_eq!((plan.images_to_make(), plan.images_skipped()), (0, 1));
+    }
+
+    #[test]
     fn duplicate_outputs_fail_the_later_item() {
         let items = parse_prompt_file(
             "{\"prompt\": \"a\", \"output\": \"same.png\"}\n{\"prompt\": \"b\", \"output\": \"same.png\"}",
@@ -760,6 +872,14 @@ mod tests {
         assert!(
             matches!(&plan.items[1], ItemPlan::Failed { error, .. } if error.contains("also the output of item 0"))
         );
+        // Also when the other item is in another shard.
+        let mut o = opts();
+        o.shard = Some(Shard { index: 1, count: 2 });
+        let plan = plan_batch(&items, &o, &|_| false);
+        assert!(matches!(
+            &plan.items[..],
+            [ItemPlan::Failed { index: 1, .. }]
+        ));
         // A fixed name with several images gets the seed added.
         let mut o = opts();
         o.num_images = 2;

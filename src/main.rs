@@ -6,8 +6,8 @@ use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use easel::batch::{
-    parse_prompt_file, plan_batch, with_seed_suffix, BatchOptions, BatchPlan, ItemPlan,
-    OutputTemplate, PlannedImage, PlannedItem, Shard, DEFAULT_TEMPLATE,
+    image_record, parse_prompt_file, plan_batch, plan_single, BatchOptions, ItemPlan,
+    OutputTemplate, PlannedItem, Shard, DEFAULT_TEMPLATE,
 };
 use easel::device::{device_name, select_device, select_dtype, DTypeChoice, DeviceChoice};
 use easel::output::{check_writable, read_parameters, write_png, PngParameters};
@@ -197,17 +197,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// The output path of one image of a single-prompt run.
-fn output_path(template: &str, seed: u64, index: usize, count: usize) -> PathBuf {
-    let s = template
-        .replace("{seed}", &seed.to_string())
-        .replace("{index}", &index.to_string());
-    if count > 1 && !template.contains("{seed}") && !template.contains("{index}") {
-        return PathBuf::from(with_seed_suffix(template, seed));
-    }
-    PathBuf::from(s)
-}
-
 /// The command line's request fields (None where the user said nothing).
 fn cli_overrides(cli: &Cli) -> Result<RequestOverrides> {
     Ok(RequestOverrides {
@@ -227,38 +216,6 @@ fn cli_overrides(cli: &Cli) -> Result<RequestOverrides> {
     })
 }
 
-/// A one-item plan for a single prompt or a --from-png run, named by `-o`.
-fn single_plan(cli: &Cli, overrides: RequestOverrides) -> BatchPlan {
-    let seed0 = overrides.seed.unwrap_or(0);
-    let mut conflicts = Vec::new();
-    let images = (0..cli.num_images)
-        .map(|i| {
-            let seed = seed0.wrapping_add(i as u64);
-            let path = output_path(&cli.output, seed, i, cli.num_images);
-            let exists = path.exists();
-            if exists && !cli.resume && !cli.overwrite {
-                conflicts.push(path.clone());
-            }
-            PlannedImage {
-                image: i,
-                seed,
-                skip: exists && cli.resume,
-                path,
-            }
-        })
-        .collect();
-    BatchPlan {
-        items: vec![ItemPlan::Ready(PlannedItem {
-            index: 0,
-            line: 0,
-            overrides,
-            images,
-        })],
-        conflicts,
-        seeded_from_base: 0,
-    }
-}
-
 fn read_prompt_file(name: &str) -> Result<String> {
     if name == "-" {
         let mut s = String::new();
@@ -274,6 +231,9 @@ fn run(cli: Cli) -> Result<Outcome> {
     if cli.list_schedulers {
         print!("{}", easel::scheduler::help_table());
         return Ok(Outcome::Done);
+    }
+    if cli.num_images == 0 {
+        bail!("num-images must be at least 1");
     }
     let quiet = cli.quiet;
     let status = |msg: &str| {
@@ -332,13 +292,27 @@ fn run(cli: Cli) -> Result<Outcome> {
         }
         defaults = defaults.or(&recorded);
         defaults.seed = Some(defaults.seed.unwrap_or_else(easel::rng::random_seed));
-        single_plan(&cli, defaults)
+        plan_single(
+            &cli.output,
+            defaults,
+            cli.num_images,
+            cli.resume,
+            cli.overwrite,
+            &|p| p.exists(),
+        )
     } else {
         if cli.resume && cli.seed.is_none() {
             bail!("--resume needs --seed (a random seed would name a different file)");
         }
         defaults.seed = Some(cli.seed.unwrap_or_else(easel::rng::random_seed));
-        single_plan(&cli, defaults)
+        plan_single(
+            &cli.output,
+            defaults,
+            cli.num_images,
+            cli.resume,
+            cli.overwrite,
+            &|p| p.exists(),
+        )
     };
 
     // Refuse before any download or compute: existing outputs and missing folders.
@@ -552,22 +526,7 @@ fn run_item(
             write_png(&image.path, &img, cli.overwrite)?;
             tally.written += 1;
             if cli.json {
-                let m = &img.metadata;
-                let line = serde_json::json!({
-                    "path": image.path,
-                    "index": item.index,
-                    "image": image.image,
-                    "prompt": m.prompt,
-                    "negative_prompt": m.negative_prompt,
-                    "seed": m.seed,
-                    "steps": m.steps,
-                    "sampler": m.sampler.name(),
-                    "guidance": m.guidance,
-                    "width": m.width,
-                    "height": m.height,
-                    "model": m.model,
-                    "seconds": img.seconds,
-                });
+                let line = image_record(&image.path, item.index, image.image, &img);
                 println!("{line}");
             }
             if !cli.quiet {
