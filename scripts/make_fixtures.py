@@ -497,6 +497,8 @@ def make_reference(name, spec, pipe):
         runs_meta.append(m)
     pipe.scheduler = pndm
     meta["runs"] = runs_meta
+    if name == "tiny-a":
+        meta["scheduler_runs"] = make_scheduler_runs(pipe, tensors)
     meta["versions"] = versions()
     meta["tensors"] = {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
                        for k, v in sorted(tensors.items())}
@@ -505,6 +507,40 @@ def make_reference(name, spec, pipe):
     ref.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(ref / f"{name}.safetensors"))
     (ref / f"{name}.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def make_scheduler_runs(pipe, tensors):
+    """One seeded end-to-end run per easel sampler (the same class + overrides as
+    SchedulerKind::build, shared with make_scheduler_fixtures.py). Stochastic samplers draw
+    their noise from the pipeline's generator after the initial latents, as easel does."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_scheduler_fixtures import KINDS
+
+    original = pipe.scheduler
+    out = []
+    for i, (kind, (cls, overrides)) in enumerate(KINDS.items()):
+        pipe.scheduler = cls.from_config(original.config, **overrides)
+        steps, seed, W, H = 4, 500 + i, 32, 32
+        rec = []
+
+        def cb(p, step, t, kw):
+            rec.append(kw["latents"].clone())
+            return kw
+
+        with torch.no_grad():
+            img = pipe("a lighthouse on a cliff", negative_prompt="fog", num_inference_steps=steps,
+                       guidance_scale=7.5, height=H, width=W,
+                       generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+                       callback_on_step_end=cb, callback_on_step_end_tensor_inputs=["latents"]).images
+        n = f"sched-{kind}"
+        tensors[f"{n}.latents"] = torch.stack(rec).contiguous()
+        tensors[f"{n}.image"] = torch.from_numpy((img[0] * 255).round().astype(np.uint8)).contiguous()
+        out.append({"name": n, "scheduler": kind, "prompt": "a lighthouse on a cliff", "negative_prompt": "fog",
+                    "steps": steps, "guidance": 7.5, "width": W, "height": H, "seed": seed,
+                    "timesteps": [float(t) for t in pipe.scheduler.timesteps],
+                    "init_noise_sigma": float(pipe.scheduler.init_noise_sigma)})
+    pipe.scheduler = original
+    return out
 
 
 def versions():

@@ -249,7 +249,8 @@ impl Pipeline {
             open_safetensors(&files.unet_weights, dtype, device)?,
             unet_config.in_channels,
             unet_config.out_channels,
-            false,
+            // Flash attention is a CUDA f16/bf16 kernel; everywhere else the plain path runs.
+            cfg!(feature = "flash-attn") && device.is_cuda() && dtype != DType::F32,
             unet_cfg,
         )
         .with_context(|| what("UNet", &files.unet_weights))?;

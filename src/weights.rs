@@ -167,7 +167,9 @@ fn resolve_hub(spec: &ModelSpec) -> Result<ModelFiles> {
             .ok()
             .filter(|t| !t.is_empty())
             .or_else(|| cache.token());
-        let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+        // from_env honours HF_ENDPOINT (mirrors); the cache may come from HF_HUB_CACHE.
+        let api = hf_hub::api::sync::ApiBuilder::from_env()
+            .with_cache_dir(cache.path().clone())
             .with_token(token)
             .with_progress(false)
             .build()
@@ -181,7 +183,7 @@ fn resolve_hub(spec: &ModelSpec) -> Result<ModelFiles> {
              (about 5 GB) into the Hugging Face cache ({cache_dir}; set HF_HOME or HF_HUB_CACHE to move it, \
              HF_TOKEN for gated repos) and reads it from there afterwards. Without network access, pass \
              --model <folder> with a model in the diffusers layout (unet/, vae/, text_encoder/, tokenizer/, \
-             scheduler/), or try the tiny test model: easel --model tests/fixtures/tiny-a --steps 2 \"a cat\"",
+             scheduler/), or, in easel's source tree, the tiny test model: easel --model tests/fixtures/tiny-a --steps 2 \"a cat\"",
             model = spec.model,
             rev = spec.revision,
         )

@@ -287,3 +287,108 @@ fn default_request_uses_model_native_size() {
     assert_eq!(p.default_scheduler(), SchedulerKind::Pndm);
     let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
 }
+
+/// Every sampler end to end on tiny-a, seeded like diffusers (stochastic samplers draw their
+/// noise from the same generator after the initial latents): latents after every step and
+/// the final image equal diffusers'.
+#[test]
+fn every_scheduler_end_to_end_matches_diffusers() {
+    let p = load_pipeline("tiny-a");
+    let r = Reference::load("tiny-a");
+    let runs = r.meta["scheduler_runs"].as_array().unwrap();
+    assert_eq!(runs.len(), SchedulerKind::ALL.len(), "one run per sampler");
+    for run in runs {
+        let id = run["name"].as_str().unwrap();
+        let kind = SchedulerKind::parse(run["scheduler"].as_str().unwrap()).unwrap();
+        let seed = run["seed"].as_u64().unwrap();
+        let (w, h) = (
+            run["width"].as_u64().unwrap() as usize,
+            run["height"].as_u64().unwrap() as usize,
+        );
+        let steps = run["steps"].as_u64().unwrap() as usize;
+        let guidance = run["guidance"].as_f64().unwrap();
+
+        let mut sched = kind.build(p.scheduler_config(), 0.0).unwrap();
+        sched.set_timesteps(steps).unwrap();
+        let want_ts: Vec<f64> = run["timesteps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_f64().unwrap())
+            .collect();
+        assert_eq!(sched.timesteps().len(), want_ts.len(), "{id}: timesteps");
+        for (a, b) in sched.timesteps().iter().zip(&want_ts) {
+            assert!(
+                (a - b).abs() <= 1e-3 * b.abs().max(1.0),
+                "{id}: timestep {a} vs {b}"
+            );
+        }
+        assert!(
+            (sched.init_noise_sigma() - run["init_noise_sigma"].as_f64().unwrap()).abs() < 1e-3
+        );
+
+        let emb = p
+            .encode_prompt(
+                run["prompt"].as_str().unwrap(),
+                run["negative_prompt"].as_str().unwrap(),
+                guidance,
+                &mut |_| {},
+            )
+            .unwrap();
+        let mut rng = easel::rng::TorchGenerator::new(seed);
+        let init = p
+            .initial_latents(w, h, &mut rng, sched.init_noise_sigma())
+            .unwrap();
+        let want = r.get(&format!("{id}.latents"));
+        let mut worst = 0f32;
+        let mut n = 0;
+        p.denoise(
+            &emb,
+            init,
+            sched.as_mut(),
+            guidance,
+            &mut rng,
+            &mut |i, _, l| {
+                let (err, scale) = max_abs_err(l, &want.get(i - 1).unwrap());
+                worst = worst.max(err / scale.max(1.0));
+                n += 1;
+            },
+        )
+        .unwrap();
+        assert_eq!(n, want.dim(0).unwrap(), "{id}: steps");
+
+        let mut req = easel::pipeline::GenerationRequest::new(run["prompt"].as_str().unwrap(), &p);
+        req.negative_prompt = run["negative_prompt"].as_str().unwrap().into();
+        (req.width, req.height, req.steps, req.guidance, req.seed) = (w, h, steps, guidance, seed);
+        req.scheduler = Some(kind);
+        let img = p.generate(&req, &mut |_| {}).unwrap().remove(0);
+        let want_rgb = r
+            .get(&format!("{id}.image"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
+        let off = img
+            .rgb
+            .iter()
+            .zip(&want_rgb)
+            .filter(|(a, b)| a.abs_diff(**b) > 1)
+            .count();
+        let exact = img
+            .rgb
+            .iter()
+            .zip(&want_rgb)
+            .filter(|(a, b)| a == b)
+            .count();
+        println!(
+            "{id}: latents max rel err {worst:.2e}, pixels exact {exact}/{}, >1 level off {off}",
+            want_rgb.len()
+        );
+        assert!(worst < 1e-4, "{id}: latents differ by {worst}");
+        assert!(
+            (off as f64) <= 0.001 * want_rgb.len() as f64,
+            "{id}: {off} pixel values more than 1 level off"
+        );
+        assert_eq!(img.metadata.sampler, kind);
+    }
+}
