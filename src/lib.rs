@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod device;
+pub mod kernels;
 pub mod output;
 pub mod pipeline;
 pub mod rng;

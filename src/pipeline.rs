@@ -9,11 +9,11 @@ use crate::config::{read_json, TextEncoderConfig, UNetConfig, VaeConfig};
 use crate::rng::{NoiseSource, TorchGenerator};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::text::{ClipTextModel, ClipTokenizer};
+use crate::unet::vae::AutoEncoderKL;
 use crate::unet::UNet2DConditionModel;
 use crate::weights::{open_safetensors, ModelFiles};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use std::time::Instant;
 
 /// Everything that determines one image (or `num_images` images with seeds seed, seed+1…).
