@@ -114,6 +114,9 @@ pub struct Pipeline {
 impl Pipeline {
     /// Reads the configs, checks them, and loads the weights onto `device` as `dtype`.
     pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        if device.is_cpu() {
+            crate::kernels::tune_allocator();
+        }
         let unet_config: UNetConfig = read_json(&files.unet_config)?;
         let vae_config: VaeConfig = read_json(&files.vae_config)?;
         let text_config: TextEncoderConfig = read_json(&files.text_encoder_config)?;

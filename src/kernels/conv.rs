@@ -112,8 +112,14 @@ impl CustomOp2 for ConvOp {
         } else {
             gemm::Parallelism::None
         };
-        let mut out = vec![0f32; n * cout * ho * wo];
         let direct = p == 0 && kh == 1 && kw == 1;
+        // One image with padding: crop the GEMM result in place instead of into a new buffer.
+        let in_place = n == 1 && !direct;
+        let mut out = if in_place {
+            Vec::new()
+        } else {
+            vec![0f32; n * cout * ho * wo]
+        };
         // Padded input: per channel `hp*wp` values plus `kw` of slack for the wrapped columns.
         let cs = if direct { h * wd } else { hp * wp + kw };
         let mut pad = if direct {
@@ -129,7 +135,11 @@ impl CustomOp2 for ConvOp {
         };
         for b in 0..n {
             let xb = &x[b * cin * h * wd..(b + 1) * cin * h * wd];
-            let ob = &mut out[b * cout * ho * wo..(b + 1) * cout * ho * wo];
+            let ob: &mut [f32] = if in_place {
+                &mut []
+            } else {
+                &mut out[b * cout * ho * wo..(b + 1) * cout * ho * wo]
+            };
             let init = |buf: &mut [f32], plane: usize| -> bool {
                 match &self.bias {
                     Some(bias) => {
@@ -208,6 +218,19 @@ impl CustomOp2 for ConvOp {
                         );
                     }
                 }
+            }
+            if in_place {
+                drop(std::mem::take(&mut pad));
+                // Rows move left only (destination index ≤ source index): safe in order.
+                for co in 0..cout {
+                    for y in 0..ho {
+                        let from = co * grid + y * wp;
+                        acc.copy_within(from..from + wo, co * ho * wo + y * wo);
+                    }
+                }
+                acc.truncate(cout * ho * wo);
+                acc.shrink_to_fit();
+                return Ok((CpuStorage::F32(acc), Shape::from((n, cout, ho, wo))));
             }
             let dst = SendPtr(ob.as_mut_ptr());
             let acc = &acc;

@@ -20,7 +20,9 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let p = p * r * r + r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // 2^n without a float→int conversion (those scalarise): n + 1.5·2²³ holds n in its low
+    // mantissa bits, exactly, for |n| < 2²².
+    let bits = (n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000 - 127) << 23;
     p * f32::from_bits(bits)
 }
 
@@ -136,6 +138,19 @@ dispatch! {
     pub fn add_assign(dst: &mut [f32], src: &[f32]) {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d += s;
+        }
+    }
+}
+
+dispatch! {
+    /// dst = a · gelu(g), GELU in candle's tanh form:
+    /// 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))), tanh(y) = 1 − 2/(e^{2y} + 1).
+    pub fn geglu_row(dst: &mut [f32], a: &[f32], g: &[f32]) {
+        const C: f32 = 0.797_884_6;
+        for ((d, &a), &g) in dst.iter_mut().zip(a).zip(g) {
+            let y = C * g * (1.0 + 0.044715 * g * g);
+            let t = 1.0 - 2.0 / (exp_f32(2.0 * y) + 1.0);
+            *d = a * (0.5 * g * (1.0 + t));
         }
     }
 }

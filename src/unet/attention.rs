@@ -17,8 +17,8 @@ impl GeGlu {
 
 impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let hidden_states_and_gate = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
-        &hidden_states_and_gate[0] * hidden_states_and_gate[1].gelu()?
+        // Fused on the CPU: one pass instead of chunk copies, gelu and a product.
+        crate::kernels::act::geglu(&self.proj.forward(xs)?)
     }
 }
 
