@@ -64,9 +64,18 @@ def last_json(out):
 def run(cmd, env):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
-        sys.stderr.write(r.stdout + r.stderr)
-        raise SystemExit(f"failed: {' '.join(cmd)}")
+        err = (r.stderr.strip().splitlines() or ["?"])[-1]
+        sys.stderr.write(f"failed ({err}): {' '.join(cmd[:2])}\n")
+        return None
     return last_json(r.stdout)
+
+
+def fmt_s(r):
+    return f"{r['min_s']:.3f} s" if r else "unsupported"
+
+
+def fmt_gb(r):
+    return f"{r['vmhwm_kb']/1e6:.2f} GB" if r else "n/a"
 
 
 def cpu_name():
@@ -85,8 +94,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--only", default="unet,unet-bf16,vae,text,e2e,e2e-bf16")
+    ap.add_argument("--only", default="unet,unet-bf16,vae,text,e2e")
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--baseline-exe", help="an sdbench built from an older easel, timed as 'before'")
     args = ap.parse_args()
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     subprocess.run(["cargo", "build", "--release", "--example", "sdbench"], cwd=ROOT, check=True)
@@ -106,20 +116,35 @@ def main():
                  "--iters", str(iters), "--dtype", dt], env)
         d = run([args.python, "-c", PY_CHILD, mode, args.folder, str(args.size), str(batch),
                  str(iters), dt, str(args.threads)], env)
-        rows.append((name, e, d))
-        print(f"  {name:10s} easel {e['min_s']:8.3f} s {e['vmhwm_kb']/1e6:6.2f} GB | diffusers "
-              f"{d['min_s']:8.3f} s {d['vmhwm_kb']/1e6:6.2f} GB", flush=True)
+        base = None
+        if args.baseline_exe:
+            base = run([args.baseline_exe, mode, args.folder, "--size", str(args.size), "--batch",
+                        str(batch), "--iters", str(min(iters, 2)), "--dtype", dt], env)
+        rows.append((name, e, d, base))
+        print(f"  {name:10s} easel {fmt_s(e)} {fmt_gb(e)} | diffusers {fmt_s(d)} {fmt_gb(d)}"
+              + (f" | before {fmt_s(base)} {fmt_gb(base)}" if args.baseline_exe else ""), flush=True)
     print()
-    print("| measurement | easel | diffusers | easel / diffusers |")
-    print("|---|---|---|---|")
-    for name, e, d in rows:
+    b = bool(args.baseline_exe)
+    print("| measurement | easel | diffusers | easel / diffusers |"
+          + (" easel before | before / diffusers |" if b else ""))
+    print("|---|---|---|---|" + ("---|---|" if b else ""))
+    for name, e, d, base in rows:
         if name.startswith("e2e"):
-            print(f"| peak RSS, {name} (load + text + 1 UNet step + decode) | {e['vmhwm_kb']/1e6:.2f} GB | "
-                  f"{d['vmhwm_kb']/1e6:.2f} GB | {e['vmhwm_kb']/d['vmhwm_kb']:.2f}x |")
+            def ratio(x):
+                return f"{x['vmhwm_kb']/d['vmhwm_kb']:.2f}x" if x and d else "n/a"
+            line = (f"| peak RSS, {name} (load + text + 1 UNet step + decode) | {fmt_gb(e)} | "
+                    f"{fmt_gb(d)} | {ratio(e)} |")
+            if b:
+                line += f" {fmt_gb(base)} | {ratio(base)} |"
         else:
+            def ratio(x):
+                return f"{x['min_s']/d['min_s']:.2f}x" if x and d else "n/a"
             label = {"unet": "UNet forward f32, batch 2", "unet-bf16": "UNet forward bf16, batch 2",
                      "vae": "VAE decode f32", "text": "text encoder f32, 2x77"}[name]
-            print(f"| {label} | {e['min_s']:.3f} s | {d['min_s']:.3f} s | {e['min_s']/d['min_s']:.2f}x |")
+            line = f"| {label} | {fmt_s(e)} | {fmt_s(d)} | {ratio(e)} |"
+            if b:
+                line += f" {fmt_s(base)} | {ratio(base)} |"
+        print(line)
 
 
 if __name__ == "__main__":
