@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod config;
 pub mod device;
+pub mod kernels;
 pub mod output;
 pub mod pipeline;
 pub mod rng;

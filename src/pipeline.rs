@@ -9,11 +9,11 @@ use crate::config::{read_json, TextEncoderConfig, UNetConfig, VaeConfig};
 use crate::rng::{NoiseSource, TorchGenerator};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::text::{ClipTextModel, ClipTokenizer};
+use crate::unet::vae::AutoEncoderKL;
 use crate::unet::UNet2DConditionModel;
 use crate::weights::{open_safetensors, ModelFiles};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -202,6 +202,9 @@ pub struct Pipeline {
 impl Pipeline {
     /// Reads the configs, checks them, and loads the weights onto `device` as `dtype`.
     pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        if device.is_cpu() {
+            crate::kernels::tune_allocator();
+        }
         let unet_config: UNetConfig = read_json(&files.unet_config)?;
         let vae_config: VaeConfig = read_json(&files.vae_config)?;
         let text_config: TextEncoderConfig = read_json(&files.text_encoder_config)?;

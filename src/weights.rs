@@ -241,22 +241,147 @@ fn resolve_hub(spec: &ModelSpec) -> Result<ModelFiles> {
     })
 }
 
-/// Memory-maps a safetensors file for a model builder, converting to `dtype` on load.
+/// Opens a safetensors file for a model builder, converting to `dtype` on load.
+///
+/// Tensors are read one at a time with positioned reads (no mmap): the model owns its copy of
+/// every weight anyway, and a mapping would keep the file's pages resident next to those
+/// copies while loading (peak ≈ 2× the weights). Peak here is the weights plus one tensor.
 pub fn open_safetensors(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    // SAFETY: the file is mapped read-only; like every mmap user we rely on it not being
-    // truncated while easel runs.
-    let st =
-        unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.with_context(|| {
-            format!(
-                "cannot read weights {} (not a valid safetensors file?)",
-                path.display()
-            )
-        })?;
+    let st = SafetensorsFile::open(path).with_context(|| {
+        format!(
+            "cannot read weights {} (not a valid safetensors file?)",
+            path.display()
+        )
+    })?;
     Ok(VarBuilder::from_backend(
         Box::new(st),
         dtype,
         device.clone(),
     ))
+}
+
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    dtype: DType,
+    shape: Vec<usize>,
+    start: u64,
+    end: u64,
+}
+
+/// A safetensors file read tensor by tensor (see [`open_safetensors`]).
+pub struct SafetensorsFile {
+    file: std::fs::File,
+    path: PathBuf,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(path)?;
+        let file_len = file.metadata()?.len();
+        let mut n = [0u8; 8];
+        file.read_exact_at(&mut n, 0)?;
+        let n = u64::from_le_bytes(n);
+        if n > 100_000_000 || 8 + n > file_len {
+            bail!("bad safetensors header length {n}");
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact_at(&mut header, 8)?;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)?;
+        let base = 8 + n;
+        let mut tensors = HashMap::new();
+        for (name, v) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let dtype = match v["dtype"].as_str().unwrap_or("") {
+                "F32" => DType::F32,
+                "F16" => DType::F16,
+                "BF16" => DType::BF16,
+                "F64" => DType::F64,
+                "I64" => DType::I64,
+                "U32" => DType::U32,
+                "U8" => DType::U8,
+                // Other dtypes (e.g. int32 position ids in some files) are never loaded.
+                _ => continue,
+            };
+            let shape: Vec<usize> = v["shape"]
+                .as_array()
+                .context("shape")?
+                .iter()
+                .map(|d| d.as_u64().map(|d| d as usize).context("shape"))
+                .collect::<Result<_>>()?;
+            let offs = v["data_offsets"].as_array().context("data_offsets")?;
+            let (start, end) = (
+                offs.first().and_then(|o| o.as_u64()).context("offset")?,
+                offs.get(1).and_then(|o| o.as_u64()).context("offset")?,
+            );
+            let want = shape.iter().product::<usize>() * dtype.size_in_bytes();
+            if end < start || (end - start) as usize != want || base + end > file_len {
+                bail!("tensor {name}: bad data offsets");
+            }
+            tensors.insert(
+                name,
+                TensorEntry {
+                    dtype,
+                    shape,
+                    start: base + start,
+                    end: base + end,
+                },
+            );
+        }
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            tensors,
+        })
+    }
+
+    fn read(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        use std::os::unix::fs::FileExt;
+        let e = self.tensors.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "cannot find tensor {name} in {}",
+                self.path.display()
+            ))
+        })?;
+        let mut bytes = vec![0u8; (e.end - e.start) as usize];
+        self.file
+            .read_exact_at(&mut bytes, e.start)
+            .map_err(candle_core::Error::wrap)?;
+        let t = Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, &Device::Cpu)?;
+        drop(bytes);
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+}
+
+impl SimpleBackend for SafetensorsFile {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(e) = self.tensors.get(name) {
+            if e.shape.as_slice() != s.dims() {
+                candle_core::bail!(
+                    "shape mismatch for {name}: the file has {:?}, the model wants {:?}",
+                    e.shape,
+                    s.dims()
+                );
+            }
+        }
+        self.read(name, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.read(name, dtype, dev)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
 }
 
 /// A backend that knows only names and shapes: it hands out zero-strided (unallocated)

@@ -76,7 +76,7 @@ fn vae_asks_for_exactly_the_sd14_tensors() {
     let want = manifest("vae");
     let cfg: VaeConfig = read_json(&config_path("vae")).unwrap();
     let backend = ShapeOnlyBackend::new(want.clone());
-    candle_transformers::models::stable_diffusion::vae::AutoEncoderKL::new(
+    easel::unet::vae::AutoEncoderKL::new(
         backend.var_builder(DType::F32),
         cfg.in_channels,
         cfg.out_channels,

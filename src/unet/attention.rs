@@ -17,8 +17,8 @@ impl GeGlu {
 
 impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let hidden_states_and_gate = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
-        &hidden_states_and_gate[0] * hidden_states_and_gate[1].gelu()?
+        // Fused on the CPU: one pass instead of chunk copies, gelu and a product.
+        crate::kernels::act::geglu(&self.proj.forward(xs)?)
     }
 }
 
@@ -173,13 +173,8 @@ impl CrossAttention {
                 .squeeze(0)?
                 .to_dtype(init_dtype)?
         } else {
-            let in_dtype = query.dtype();
-            let query = query.to_dtype(DType::F32)?;
-            let key = key.to_dtype(DType::F32)?;
-            let value = value.to_dtype(DType::F32)?;
-            let xs = query.matmul(&(key.t()? * self.scale)?)?;
-            let xs = nn::ops::softmax_last_dim(&xs)?;
-            xs.matmul(&value)?.to_dtype(in_dtype)?
+            // Blocked over queries on the CPU: never materialises (len × len) per head.
+            crate::kernels::attention(query, key, value, self.scale)?
         };
         self.reshape_batch_dim_to_heads(&xs)
     }
@@ -285,14 +280,14 @@ impl Default for SpatialTransformerConfig {
 
 #[derive(Debug)]
 enum Proj {
-    Conv2d(nn::Conv2d),
+    Conv2d(crate::kernels::Conv2d),
     Linear(nn::Linear),
 }
 
 // Aka Transformer2DModel
 #[derive(Debug)]
 pub struct SpatialTransformer {
-    norm: nn::GroupNorm,
+    norm: crate::kernels::GroupNorm,
     proj_in: Proj,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Proj,
@@ -309,11 +304,11 @@ impl SpatialTransformer {
         config: SpatialTransformerConfig,
     ) -> Result<Self> {
         let inner_dim = n_heads * d_head;
-        let norm = nn::group_norm(config.num_groups, in_channels, 1e-6, vs.pp("norm"))?;
+        let norm = crate::kernels::group_norm(config.num_groups, in_channels, 1e-6, vs.pp("norm"))?;
         let proj_in = if config.use_linear_projection {
             Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_in"))?)
         } else {
-            Proj::Conv2d(nn::conv2d(
+            Proj::Conv2d(crate::kernels::conv2d(
                 in_channels,
                 inner_dim,
                 1,
@@ -338,7 +333,7 @@ impl SpatialTransformer {
         let proj_out = if config.use_linear_projection {
             Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_out"))?)
         } else {
-            Proj::Conv2d(nn::conv2d(
+            Proj::Conv2d(crate::kernels::conv2d(
                 inner_dim,
                 in_channels,
                 1,
@@ -420,7 +415,7 @@ impl Default for AttentionBlockConfig {
 
 #[derive(Debug)]
 pub struct AttentionBlock {
-    group_norm: nn::GroupNorm,
+    group_norm: crate::kernels::GroupNorm,
     query: nn::Linear,
     key: nn::Linear,
     value: nn::Linear,
@@ -452,8 +447,12 @@ impl AttentionBlock {
     pub fn new(vs: nn::VarBuilder, channels: usize, config: AttentionBlockConfig) -> Result<Self> {
         let num_head_channels = config.num_head_channels.unwrap_or(channels);
         let num_heads = channels / num_head_channels;
-        let group_norm =
-            nn::group_norm(config.num_groups, channels, config.eps, vs.pp("group_norm"))?;
+        let group_norm = crate::kernels::group_norm(
+            config.num_groups,
+            channels,
+            config.eps,
+            vs.pp("group_norm"),
+        )?;
         let (q_path, k_path, v_path, out_path) = if vs.contains_tensor("to_q.weight") {
             ("to_q", "to_k", "to_v", "to_out.0")
         } else {
@@ -497,23 +496,16 @@ impl Module for AttentionBlock {
         let key_proj = self.key.forward(&xs)?;
         let value_proj = self.value.forward(&xs)?;
 
-        let query_states = self
-            .transpose_for_scores(query_proj)?
-            .to_dtype(DType::F32)?;
-        let key_states = self.transpose_for_scores(key_proj)?.to_dtype(DType::F32)?;
-        let value_states = self
-            .transpose_for_scores(value_proj)?
-            .to_dtype(DType::F32)?;
-
-        // scale is applied twice, hence the -0.25 here rather than -0.5.
-        // https://github.com/huggingface/diffusers/blob/d3d22ce5a894becb951eec03e663951b28d45135/src/diffusers/models/attention.py#L87
-        let scale = f64::powf(self.channels as f64 / self.num_heads as f64, -0.25);
-        let attention_scores = (query_states * scale)?.matmul(&(key_states.t()? * scale)?)?;
-        let attention_probs = nn::ops::softmax(&attention_scores, D::Minus1)?;
-
-        // TODO: revert the call to force_contiguous once the three matmul kernels have been
-        // adapted to handle layout with some dims set to 1.
-        let xs = attention_probs.matmul(&value_states)?;
+        let (b, t, _) = query_proj.dims3()?;
+        let h = self.num_heads;
+        let flat = |x: Tensor| -> Result<Tensor> {
+            let d = x.dim(2)? / h;
+            self.transpose_for_scores(x)?.reshape((b * h, t, d))
+        };
+        let (q, k, v) = (flat(query_proj)?, flat(key_proj)?, flat(value_proj)?);
+        let scale = f64::powf(self.channels as f64 / self.num_heads as f64, -0.5);
+        let xs = crate::kernels::attention(&q, &k, &v, scale)?;
+        let xs = xs.reshape((b, h, t, xs.dim(2)?))?;
         let xs = xs.to_dtype(in_dtype)?;
         let xs = xs.transpose(1, 2)?.contiguous()?;
         let xs = xs.flatten_from(D::Minus2)?;

@@ -12,5 +12,6 @@ pub mod embeddings;
 pub mod resnet;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
+pub mod vae;
 
 pub use unet_2d::{BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig};

@@ -4,10 +4,10 @@
 //! timestep and return a denoised version of the input.
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::unet_2d_blocks::*;
+use crate::kernels::{conv2d, group_norm, Conv2d, GroupNorm};
 use candle_core::{Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;
-use candle_nn::{conv2d, Conv2d};
 
 #[derive(Debug, Clone, Copy)]
 pub struct BlockConfig {
@@ -94,7 +94,7 @@ pub struct UNet2DConditionModel {
     down_blocks: Vec<UNetDownBlock>,
     mid_block: UNetMidBlock2DCrossAttn,
     up_blocks: Vec<UNetUpBlock>,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     config: UNet2DConditionModelConfig,
 }
@@ -273,7 +273,7 @@ impl UNet2DConditionModel {
             })
             .collect::<Result<Vec<_>>>()?;
 
-        let conv_norm_out = nn::group_norm(
+        let conv_norm_out = group_norm(
             config.norm_num_groups,
             b_channels,
             config.norm_eps,
@@ -390,8 +390,7 @@ impl UNet2DConditionModel {
             };
         }
         // 6. post-process
-        let xs = self.conv_norm_out.forward(&xs)?;
-        let xs = nn::ops::silu(&xs)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

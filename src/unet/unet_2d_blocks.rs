@@ -4,9 +4,9 @@ use super::attention::{
     AttentionBlock, AttentionBlockConfig, SpatialTransformer, SpatialTransformerConfig,
 };
 use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use crate::kernels::{conv2d, Conv2d};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn as nn;
-use candle_nn::{conv2d, Conv2d};
 
 #[derive(Debug)]
 struct Downsample2D {

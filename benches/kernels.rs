@@ -1,0 +1,60 @@
+//! Hot kernels: easel's versions against the plain candle ops, at SD 1.x shapes.
+//! `cargo bench --bench kernels`
+use candle_core::{Device, Tensor};
+use easel::kernels;
+
+fn main() {
+    divan::main();
+}
+
+fn rand(shape: &[usize]) -> Tensor {
+    Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+}
+
+/// (batch, channels, side): UNet 64² level at batch 2, VAE 256² and 512² levels.
+const CONV: &[(usize, usize, usize)] = &[(2, 320, 64), (1, 256, 256), (1, 128, 512)];
+
+#[divan::bench(args = CONV, sample_count = 3, sample_size = 1)]
+fn conv3x3_easel(b: divan::Bencher, &(n, c, s): &(usize, usize, usize)) {
+    let (x, w) = (rand(&[n, c, s, s]), rand(&[c, c, 3, 3]));
+    b.bench(|| kernels::conv::conv2d_fast(&x, &w, None, 1).unwrap());
+}
+
+#[divan::bench(args = CONV, sample_count = 3, sample_size = 1)]
+fn conv3x3_candle(b: divan::Bencher, &(n, c, s): &(usize, usize, usize)) {
+    let (x, w) = (rand(&[n, c, s, s]), rand(&[c, c, 3, 3]));
+    b.bench(|| x.conv2d(&w, 1, 1, 1, 1).unwrap());
+}
+
+#[divan::bench(args = CONV, sample_count = 5, sample_size = 1)]
+fn group_norm_silu_easel(b: divan::Bencher, &(n, c, s): &(usize, usize, usize)) {
+    let x = rand(&[n, c, s, s]);
+    let gn = kernels::norm::GroupNorm::test_new(c, 32, &Device::Cpu).unwrap();
+    b.bench(|| gn.forward_silu(&x).unwrap());
+}
+
+#[divan::bench(args = CONV, sample_count = 5, sample_size = 1)]
+fn group_norm_silu_candle(b: divan::Bencher, &(n, c, s): &(usize, usize, usize)) {
+    let x = rand(&[n, c, s, s]);
+    let gn = kernels::norm::GroupNorm::test_new(c, 32, &Device::Cpu).unwrap();
+    b.bench(|| candle_nn::ops::silu(&gn.reference(&x).unwrap()).unwrap());
+}
+
+/// (batch·heads, queries, keys, head dim): self-attention at 512² and 256², cross-attention.
+const ATTN: &[(usize, usize, usize, usize)] = &[
+    (16, 4096, 4096, 40),
+    (16, 1024, 1024, 80),
+    (16, 4096, 77, 40),
+];
+
+#[divan::bench(args = ATTN, sample_count = 3, sample_size = 1)]
+fn attention_easel(b: divan::Bencher, &(bh, l, lk, d): &(usize, usize, usize, usize)) {
+    let (q, k, v) = (rand(&[bh, l, d]), rand(&[bh, lk, d]), rand(&[bh, lk, d]));
+    b.bench(|| kernels::attention(&q, &k, &v, 0.15).unwrap());
+}
+
+#[divan::bench(args = ATTN, sample_count = 3, sample_size = 1)]
+fn attention_candle(b: divan::Bencher, &(bh, l, lk, d): &(usize, usize, usize, usize)) {
+    let (q, k, v) = (rand(&[bh, l, d]), rand(&[bh, lk, d]), rand(&[bh, lk, d]));
+    b.bench(|| kernels::attention::reference(&q, &k, &v, 0.15).unwrap());
+}
