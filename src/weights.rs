@@ -277,55 +277,47 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
-        use std::os::unix::fs::FileExt;
         let file = std::fs::File::open(path)?;
         let file_len = file.metadata()?.len();
         let mut n = [0u8; 8];
-        file.read_exact_at(&mut n, 0)?;
+        read_at(&file, &mut n, 0)?;
         let n = u64::from_le_bytes(n);
         if n > 100_000_000 || 8 + n > file_len {
             bail!("bad safetensors header length {n}");
         }
+        // The header is parsed by the safetensors crate; the data is read lazily, tensor by
+        // tensor, so its offsets are checked here (`read_metadata` wants the whole file).
         let mut header = vec![0u8; n as usize];
-        file.read_exact_at(&mut header, 8)?;
-        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)?;
+        read_at(&file, &mut header, 8)?;
+        let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header)?;
         let base = 8 + n;
         let mut tensors = HashMap::new();
-        for (name, v) in header {
-            if name == "__metadata__" {
-                continue;
-            }
-            let dtype = match v["dtype"].as_str().unwrap_or("") {
-                "F32" => DType::F32,
-                "F16" => DType::F16,
-                "BF16" => DType::BF16,
-                "F64" => DType::F64,
-                "I64" => DType::I64,
-                "U32" => DType::U32,
-                "U8" => DType::U8,
+        for (name, info) in metadata.tensors() {
+            use safetensors::Dtype as S;
+            let dtype = match info.dtype {
+                S::F32 => DType::F32,
+                S::F16 => DType::F16,
+                S::BF16 => DType::BF16,
+                S::F64 => DType::F64,
+                S::I64 => DType::I64,
+                S::U32 => DType::U32,
+                S::U8 => DType::U8,
                 // Other dtypes (e.g. int32 position ids in some files) are never loaded.
                 _ => continue,
             };
-            let shape: Vec<usize> = v["shape"]
-                .as_array()
-                .context("shape")?
-                .iter()
-                .map(|d| d.as_u64().map(|d| d as usize).context("shape"))
-                .collect::<Result<_>>()?;
-            let offs = v["data_offsets"].as_array().context("data_offsets")?;
-            let (start, end) = (
-                offs.first().and_then(|o| o.as_u64()).context("offset")?,
-                offs.get(1).and_then(|o| o.as_u64()).context("offset")?,
-            );
-            let want = shape.iter().product::<usize>() * dtype.size_in_bytes();
-            if end < start || (end - start) as usize != want || base + end > file_len {
-                bail!("tensor {name}: bad data offsets");
+            let (start, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
+            let want = info.shape.iter().product::<usize>() * dtype.size_in_bytes();
+            if end < start || (end - start) as usize != want {
+                bail!("tensor {name}: data offsets do not match its dtype and shape");
+            }
+            if base + end > file_len {
+                bail!("tensor {name} lies past the end of the file (truncated download?)");
             }
             tensors.insert(
                 name,
                 TensorEntry {
                     dtype,
-                    shape,
+                    shape: info.shape.clone(),
                     start: base + start,
                     end: base + end,
                 },
@@ -339,7 +331,6 @@ impl SafetensorsFile {
     }
 
     fn read(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        use std::os::unix::fs::FileExt;
         let e = self.tensors.get(name).ok_or_else(|| {
             candle_core::Error::Msg(format!(
                 "cannot find tensor {name} in {}",
@@ -347,13 +338,26 @@ impl SafetensorsFile {
             ))
         })?;
         let mut bytes = vec![0u8; (e.end - e.start) as usize];
-        self.file
-            .read_exact_at(&mut bytes, e.start)
-            .map_err(candle_core::Error::wrap)?;
+        read_at(&self.file, &mut bytes, e.start).map_err(candle_core::Error::wrap)?;
         let t = Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, &Device::Cpu)?;
         drop(bytes);
         t.to_dtype(dtype)?.to_device(dev)
     }
+}
+
+/// `pread` where there is one; elsewhere seek + read (model building is sequential).
+#[cfg(unix)]
+fn read_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, offset)
+}
+
+#[cfg(not(unix))]
+fn read_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = file;
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(buf)
 }
 
 impl SimpleBackend for SafetensorsFile {
