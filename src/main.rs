@@ -367,7 +367,17 @@ fn run(cli: Cli) -> Result<Outcome> {
         prefer_fp16: dtype == candle_core::DType::F16,
     };
     let files = spec.resolve()?;
-    let pipeline = Pipeline::load(&files, &device, dtype)?;
+    let mut pipeline = Pipeline::load(&files, &device, dtype)?;
+    let to_make = plan
+        .ready()
+        .flat_map(|i| &i.images)
+        .filter(|i| !i.skip)
+        .count();
+    if to_make == 1 {
+        // One image: free the text encoder once its prompt is encoded, before the UNet's
+        // peak (batches re-encode per item and keep it).
+        pipeline.release_text_encoder_after_use();
+    }
     status(&format!("loaded in {:.1}s", t0.elapsed().as_secs_f64()));
 
     // First Ctrl-C: drop the image in flight, keep finished ones, stop. Second: quit now.

@@ -189,7 +189,10 @@ pub struct Pipeline {
     pub device: Device,
     pub dtype: DType,
     tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
+    /// `None` once released: a run that has encoded its only prompt frees the encoder's
+    /// ~0.5 GB (SD 1.x, f32) before the denoising loop's peak.
+    text_encoder: std::sync::Mutex<Option<ClipTextModel>>,
+    release_text_encoder: bool,
     unet: UNet2DConditionModel,
     vae: AutoEncoderKL,
     unet_config: UNetConfig,
@@ -268,7 +271,8 @@ impl Pipeline {
             device: device.clone(),
             dtype,
             tokenizer,
-            text_encoder,
+            text_encoder: std::sync::Mutex::new(Some(text_encoder)),
+            release_text_encoder: false,
             unet,
             vae,
             unet_config,
@@ -303,8 +307,30 @@ impl Pipeline {
         &self.tokenizer
     }
 
-    pub fn text_encoder(&self) -> &ClipTextModel {
-        &self.text_encoder
+    /// Text embeddings for token ids (batch, seq) → (batch, seq, hidden).
+    pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        self.with_text_encoder(|te| te.forward(ids))
+    }
+
+    /// Frees the text encoder after the next prompt is encoded. For runs that encode one
+    /// prompt (a single image, `--from-png`); a later encode is then an error.
+    pub fn release_text_encoder_after_use(&mut self) {
+        self.release_text_encoder = true;
+    }
+
+    fn with_text_encoder<T>(&self, f: impl FnOnce(&ClipTextModel) -> Result<T>) -> Result<T> {
+        let mut guard = self
+            .text_encoder
+            .lock()
+            .map_err(|_| anyhow::anyhow!("text encoder lock poisoned"))?;
+        let out = match guard.as_ref() {
+            Some(te) => f(te)?,
+            None => bail!("the text encoder was released after encoding the run's prompt"),
+        };
+        if self.release_text_encoder {
+            *guard = None;
+        }
+        Ok(out)
     }
 
     pub fn unet(&self) -> &UNet2DConditionModel {
@@ -364,9 +390,9 @@ impl Pipeline {
                     "the negative prompt is too long; this part was ignored: \"{cut}\""
                 )));
             }
-            self.text_encoder.encode(&[&neg, &pos], &self.device)
+            self.with_text_encoder(|te| te.encode(&[&neg, &pos], &self.device))
         } else {
-            self.text_encoder.encode(&[&pos], &self.device)
+            self.with_text_encoder(|te| te.encode(&[&pos], &self.device))
         }
     }
 

@@ -74,7 +74,7 @@ fn text_embeddings_match() {
                 "ids of {prompt}"
             );
         }
-        let emb = p.text_encoder().forward(&ids).unwrap();
+        let emb = p.embed_ids(&ids).unwrap();
         let (err, scale) = max_abs_err(&emb, r.get("text.embeds"));
         println!("{name}: text embeddings max abs err {err:.2e} (max |x| {scale:.2})");
         assert!(err < 1e-4, "{name}: text embeddings differ by {err}");

@@ -97,3 +97,19 @@ fn f16_pipeline_loads_and_stays_close_to_f32() {
     println!("f16 vs f32 on tiny-a: max {max} levels");
     assert!(max <= 8, "f16 image differs from f32 by {max} levels");
 }
+
+#[test]
+fn released_text_encoder_serves_one_request_then_says_so() {
+    let mut p = common::load_pipeline("tiny-a");
+    p.release_text_encoder_after_use();
+    let mut req = easel::pipeline::GenerationRequest::new("a cat", &p);
+    req.steps = 1;
+    req.num_images = 2;
+    assert_eq!(
+        p.generate(&req, &mut |_| {}).unwrap().len(),
+        2,
+        "all images of the one request"
+    );
+    let err = p.generate(&req, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("text encoder was released"), "{err}");
+}
