@@ -38,7 +38,7 @@ fn unet_forward_batch2(b: divan::Bencher, size: usize) {
     let p = pipeline();
     let x = latents(2, size);
     let ctx = p.encode_prompt("a horse", "", 7.5, &mut |_| {}).unwrap();
-    b.bench(|| p.unet().forward(&x, 500.0, &ctx).unwrap());
+    b.bench(|| p.unet().unwrap().forward(&x, 500.0, &ctx).unwrap());
 }
 
 #[divan::bench(args = [256, 512], sample_count = 2, sample_size = 1)]

@@ -74,7 +74,7 @@ fn main() -> Result<()> {
     };
     match mode {
         "unet" => run(&mut || {
-            p.unet().forward(&latents, 500.0, &ctx)?;
+            p.unet()?.forward(&latents, 500.0, &ctx)?;
             Ok(())
         })?,
         "vae" => {
@@ -101,7 +101,9 @@ fn main() -> Result<()> {
                 &mut |_| {},
             )?;
             let x = latents.narrow(0, 0, 1)?;
-            let out = p.unet().forward(&Tensor::cat(&[&x, &x], 0)?, 500.0, &emb)?;
+            let out = p
+                .unet()?
+                .forward(&Tensor::cat(&[&x, &x], 0)?, 500.0, &emb)?;
             p.decode(&out.narrow(0, 0, 1)?)?;
             Ok(())
         })?,

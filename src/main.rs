@@ -374,9 +374,9 @@ fn run(cli: Cli) -> Result<Outcome> {
         .filter(|i| !i.skip)
         .count();
     if to_make == 1 {
-        // One image: free the text encoder once its prompt is encoded, before the UNet's
-        // peak (batches re-encode per item and keep it).
-        pipeline.release_text_encoder_after_use();
+        // One image: free each model once it is done (text encoder before the UNet's peak,
+        // UNet before the VAE's); batches need them for every item.
+        pipeline.release_models_after_use();
     }
     status(&format!("loaded in {:.1}s", t0.elapsed().as_secs_f64()));
 

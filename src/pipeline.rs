@@ -15,6 +15,7 @@ use crate::weights::{open_safetensors, ModelFiles};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// The error [`Pipeline::generate_each_cancellable`] returns when its cancel flag was set:
@@ -184,16 +185,28 @@ pub struct GeneratedImage {
     pub seconds: f64,
 }
 
+/// A borrowed UNet (see [`Pipeline::unet`]).
+pub struct UNetRef<'a>(std::sync::MutexGuard<'a, Option<UNet2DConditionModel>>);
+
+impl std::ops::Deref for UNetRef<'_> {
+    type Target = UNet2DConditionModel;
+    fn deref(&self) -> &UNet2DConditionModel {
+        // Constructed only around `Some` (checked in `Pipeline::unet`).
+        self.0.as_ref().expect("UNetRef holds a UNet")
+    }
+}
+
 /// A loaded model, ready to generate many images.
 pub struct Pipeline {
     pub device: Device,
     pub dtype: DType,
     tokenizer: ClipTokenizer,
-    /// `None` once released: a run that has encoded its only prompt frees the encoder's
-    /// ~0.5 GB (SD 1.x, f32) before the denoising loop's peak.
-    text_encoder: std::sync::Mutex<Option<ClipTextModel>>,
-    release_text_encoder: bool,
-    unet: UNet2DConditionModel,
+    /// `None` once released: a one-image run frees the encoder's ~0.5 GB (SD 1.x, f32)
+    /// before the denoising loop's peak...
+    text_encoder: Mutex<Option<ClipTextModel>>,
+    /// ...and the UNet's 3.4 GB before the VAE decode's.
+    unet: Mutex<Option<UNet2DConditionModel>>,
+    single_use: bool,
     vae: AutoEncoderKL,
     unet_config: UNetConfig,
     vae_config: VaeConfig,
@@ -271,9 +284,9 @@ impl Pipeline {
             device: device.clone(),
             dtype,
             tokenizer,
-            text_encoder: std::sync::Mutex::new(Some(text_encoder)),
-            release_text_encoder: false,
-            unet,
+            text_encoder: Mutex::new(Some(text_encoder)),
+            unet: Mutex::new(Some(unet)),
+            single_use: false,
             vae,
             unet_config,
             vae_config,
@@ -312,10 +325,12 @@ impl Pipeline {
         self.with_text_encoder(|te| te.forward(ids))
     }
 
-    /// Frees the text encoder after the next prompt is encoded. For runs that encode one
-    /// prompt (a single image, `--from-png`); a later encode is then an error.
-    pub fn release_text_encoder_after_use(&mut self) {
-        self.release_text_encoder = true;
+    /// Frees each model as soon as the run no longer needs it: the text encoder after the
+    /// prompt is encoded, the UNet after the denoising loop. For runs that make one image
+    /// (a single prompt, `--from-png`), where this lowers peak memory by the UNet's size;
+    /// a second image is then an error.
+    pub fn release_models_after_use(&mut self) {
+        self.single_use = true;
     }
 
     fn with_text_encoder<T>(&self, f: impl FnOnce(&ClipTextModel) -> Result<T>) -> Result<T> {
@@ -327,14 +342,22 @@ impl Pipeline {
             Some(te) => f(te)?,
             None => bail!("the text encoder was released after encoding the run's prompt"),
         };
-        if self.release_text_encoder {
+        if self.single_use {
             *guard = None;
         }
         Ok(out)
     }
 
-    pub fn unet(&self) -> &UNet2DConditionModel {
-        &self.unet
+    /// The UNet (for benchmarks and tests), unless it was released.
+    pub fn unet(&self) -> Result<UNetRef<'_>> {
+        let guard = self
+            .unet
+            .lock()
+            .map_err(|_| anyhow::anyhow!("UNet lock poisoned"))?;
+        if guard.is_none() {
+            bail!("the UNet was released after the run's denoising loop");
+        }
+        Ok(UNetRef(guard))
     }
 
     /// Checks a request before any work is done, so bad input fails in milliseconds.
@@ -454,6 +477,7 @@ impl Pipeline {
         on_step: &mut dyn FnMut(usize, usize, &Tensor),
     ) -> Result<Tensor> {
         let cfg = embeddings.dim(0)? == 2;
+        let mut unet = self.unet()?;
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
@@ -464,7 +488,7 @@ impl Pipeline {
                 latents.clone()
             };
             let input = scheduler.scale_model_input(&input, t)?;
-            let out = self.unet.forward(&input, t, embeddings)?;
+            let out = unet.forward(&input, t, embeddings)?;
             let out = if cfg {
                 let uncond = out.narrow(0, 0, 1)?;
                 let text = out.narrow(0, 1, 1)?;
@@ -474,6 +498,9 @@ impl Pipeline {
             };
             latents = scheduler.step(&out, t, &latents, noise)?;
             on_step(i + 1, total, &latents);
+        }
+        if self.single_use {
+            unet.0.take();
         }
         Ok(latents)
     }

@@ -89,6 +89,7 @@ fn unet_forward_matches() {
         let t = r.get("unet.timestep").to_vec1::<f32>().unwrap()[0] as f64;
         let out = p
             .unet()
+            .unwrap()
             .forward(r.get("unet.sample"), t, r.get("unet.encoder_hidden_states"))
             .unwrap();
         let (err, scale) = max_abs_err(&out, r.get("unet.out"));

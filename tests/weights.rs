@@ -99,17 +99,22 @@ fn f16_pipeline_loads_and_stays_close_to_f32() {
 }
 
 #[test]
-fn released_text_encoder_serves_one_request_then_says_so() {
+fn released_models_serve_one_image_then_say_so() {
     let mut p = common::load_pipeline("tiny-a");
-    p.release_text_encoder_after_use();
+    p.release_models_after_use();
     let mut req = easel::pipeline::GenerationRequest::new("a cat", &p);
     req.steps = 1;
-    req.num_images = 2;
-    assert_eq!(
-        p.generate(&req, &mut |_| {}).unwrap().len(),
-        2,
-        "all images of the one request"
-    );
+    let first = p.generate(&req, &mut |_| {}).unwrap().remove(0);
     let err = p.generate(&req, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("text encoder was released"), "{err}");
+    assert!(
+        p.unet().is_err(),
+        "the UNet is released after the denoising loop"
+    );
+    // Releasing changes nothing about the image.
+    let q = common::load_pipeline("tiny-a");
+    assert_eq!(
+        first.rgb,
+        q.generate(&req, &mut |_| {}).unwrap().remove(0).rgb
+    );
 }
