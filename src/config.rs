@@ -260,11 +260,6 @@ impl UNetConfig {
             use_linear_projection: self.use_linear_projection,
         })
     }
-
-    /// How many times the UNet halves the latent resolution.
-    pub fn downsample_factor(&self) -> usize {
-        1 << self.block_out_channels.len().saturating_sub(1)
-    }
 }
 
 fn d_scaling() -> f64 {

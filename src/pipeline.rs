@@ -13,7 +13,7 @@ use crate::unet::vae::AutoEncoderKL;
 use crate::unet::UNet2DConditionModel;
 use crate::weights::{open_safetensors, ModelFiles};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -617,10 +617,4 @@ impl Pipeline {
         })?;
         Ok(images)
     }
-}
-
-/// Largest absolute difference between two tensors (for parity reports).
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?;
-    Ok(d.flatten_all()?.max(D::Minus1)?.to_scalar::<f32>()?)
 }
