@@ -47,18 +47,9 @@ SHAPE = (1, 4, 4, 4)
 STEPS = [1, 2, 3, 7, 8, 25, 50]
 FEW = [1, 3, 8]
 
-# CompVis/stable-diffusion-v1-4 scheduler/scheduler_config.json (less _class_name/_diffusers_version).
-SD14 = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
+# CompVis/stable-diffusion-v1-4 scheduler/scheduler_config.json, shared with make_fixtures.py.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_fixtures import SCHEDULER_CONFIG as SD14  # noqa: E402
 
 # easel CLI name -> (diffusers class, the overrides that define the sampler). Must agree with
 # SchedulerKind::build.
