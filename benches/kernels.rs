@@ -26,6 +26,30 @@ fn conv3x3_candle(b: divan::Bencher, &(n, c, s): &(usize, usize, usize)) {
     b.bench(|| x.conv2d(&w, 1, 1, 1, 1).unwrap());
 }
 
+/// bf16 weights, f32 activations, along each of the two paths (`kernels::bf16::Path`).
+fn conv3x3_bf16(b: divan::Bencher, (n, c, s): (usize, usize, usize), path: kernels::bf16::Path) {
+    let x = rand(&[n, c, s, s]);
+    let w = rand(&[c, c, 3, 3])
+        .to_dtype(candle_core::DType::BF16)
+        .unwrap();
+    let cfg = candle_nn::Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let conv = kernels::Conv2d::with_path(candle_nn::Conv2d::new(w, None, cfg), path).unwrap();
+    b.bench(|| candle_core::Module::forward(&conv, &x).unwrap());
+}
+
+#[divan::bench(args = CONV, sample_count = 3, sample_size = 1)]
+fn conv3x3_bf16_dot(b: divan::Bencher, &shape: &(usize, usize, usize)) {
+    conv3x3_bf16(b, shape, kernels::bf16::Path::Dot);
+}
+
+#[divan::bench(args = CONV, sample_count = 3, sample_size = 1)]
+fn conv3x3_bf16_widen(b: divan::Bencher, &shape: &(usize, usize, usize)) {
+    conv3x3_bf16(b, shape, kernels::bf16::Path::Widen);
+}
+
 #[divan::bench(args = CONV, sample_count = 5, sample_size = 1)]
 fn group_norm_silu_easel(b: divan::Bencher, &(n, c, s): &(usize, usize, usize)) {
     let x = rand(&[n, c, s, s]);

@@ -28,6 +28,16 @@ fn main() -> Result<()> {
             kernels::conv::conv2d_fast(&x, &w, None, 1)
         })?;
         println!("   {:.0} vs {:.0} GFLOP/s", gflop / a, gflop / b);
+        let wb = w.to_dtype(candle_core::DType::BF16)?;
+        let cfg = candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv = kernels::Conv2d::new(candle_nn::Conv2d::new(wb, None, cfg))?;
+        let c16 = time(&format!("easel  conv3x3 bf16 {n}x{c}@{hw}"), 3, || {
+            candle_core::Module::forward(&conv, &x)
+        })?;
+        println!("   bf16 {:.0} GFLOP/s", gflop / c16);
         let gn = kernels::norm::GroupNorm::test_new(c, 32, &dev)?;
         time(&format!("candle groupnorm+silu {n}x{c}@{hw}"), 3, || {
             candle_nn::ops::silu(&gn.reference(&x)?)

@@ -58,11 +58,16 @@ fn main() -> Result<()> {
         prefer_fp16: false,
     }
     .resolve()?;
-    let p = Pipeline::load(&files, &dev, dtype)?;
+    let mut p = Pipeline::load(&files, &dev, dtype)?;
+    if mode == "e2e" && iters == 1 {
+        // One image, as the CLI makes it: each model is freed once its work is done.
+        p.release_models_after_use();
+    }
     let load_s = t0.elapsed().as_secs_f64();
     let lat = size / 8;
-    let latents = Tensor::randn(0f32, 1f32, (batch, 4, lat, lat), &dev)?.to_dtype(dtype)?;
-    let ctx = Tensor::randn(0f32, 1f32, (batch, 77, 768), &dev)?.to_dtype(dtype)?;
+    let latents =
+        Tensor::randn(0f32, 1f32, (batch, 4, lat, lat), &dev)?.to_dtype(p.compute_dtype())?;
+    let ctx = Tensor::randn(0f32, 1f32, (batch, 77, 768), &dev)?.to_dtype(p.compute_dtype())?;
     let mut times = Vec::new();
     let mut run = |f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
         for _ in 0..iters {

@@ -94,7 +94,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--only", default="unet,unet-bf16,vae,text,e2e")
+    ap.add_argument("--only", default="unet,unet-bf16,vae,vae-bf16,text,e2e,e2e-bf16")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--baseline-exe", help="an sdbench built from an older easel, timed as 'before'")
     args = ap.parse_args()
@@ -104,7 +104,7 @@ def main():
     exe = os.path.join(target, "release", "examples", "sdbench")
     cases = {
         "unet": ("unet", 2, "f32", args.iters), "unet-bf16": ("unet", 2, "bf16", args.iters),
-        "vae": ("vae", 1, "f32", args.iters), "text": ("text", 2, "f32", max(args.iters, 5)),
+        "vae": ("vae", 1, "f32", args.iters), "vae-bf16": ("vae", 1, "bf16", args.iters), "text": ("text", 2, "f32", max(args.iters, 5)),
         "e2e": ("e2e", 1, "f32", 1), "e2e-bf16": ("e2e", 1, "bf16", 1),
     }
     rows = []
@@ -132,7 +132,7 @@ def main():
         if name.startswith("e2e"):
             def ratio(x):
                 return f"{x['vmhwm_kb']/d['vmhwm_kb']:.2f}x" if x and d else "n/a"
-            line = (f"| peak RSS, {name} (load + text + 1 UNet step + decode) | {fmt_gb(e)} | "
+            line = (f"| peak RSS, {name} (one image: load + text + 1 UNet step + decode) | {fmt_gb(e)} | "
                     f"{fmt_gb(d)} | {ratio(e)} |")
             if b:
                 line += f" {fmt_gb(base)} | {ratio(base)} |"
@@ -140,7 +140,7 @@ def main():
             def ratio(x):
                 return f"{x['min_s']/d['min_s']:.2f}x" if x and d else "n/a"
             label = {"unet": "UNet forward f32, batch 2", "unet-bf16": "UNet forward bf16, batch 2",
-                     "vae": "VAE decode f32", "text": "text encoder f32, 2x77"}[name]
+                     "vae": "VAE decode f32", "vae-bf16": "VAE decode bf16", "text": "text encoder f32, 2x77"}[name]
             line = f"| {label} | {fmt_s(e)} | {fmt_s(d)} | {ratio(e)} |"
             if b:
                 line += f" {fmt_s(base)} | {ratio(base)} |"

@@ -610,6 +610,7 @@ pub fn image_record(
         "width": m.width,
         "height": m.height,
         "model": m.model,
+        "dtype": m.dtype,
         "seconds": img.seconds,
     })
 }

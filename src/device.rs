@@ -91,18 +91,25 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device> {
     }
 }
 
-/// Resolves `auto` for the device and refuses combinations candle cannot run.
+/// Resolves `auto` for the device.
 pub fn select_dtype(choice: DTypeChoice, device: &Device) -> Result<DType> {
     Ok(match choice {
         DTypeChoice::Auto if device.is_cpu() => DType::F32,
         DTypeChoice::Auto => DType::F16,
         DTypeChoice::F32 => DType::F32,
         DTypeChoice::F16 => DType::F16,
-        DTypeChoice::Bf16 if device.is_cpu() => {
-            bail!("bf16 is not supported on the CPU yet (candle has no CPU bf16 matmul); use --dtype f32")
-        }
         DTypeChoice::Bf16 => DType::BF16,
     })
+}
+
+/// `f32`, `f16`, `bf16`, as the CLI spells them.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "other",
+    }
 }
 
 /// A short name for messages and metadata, e.g. `cpu`, `cuda:0`.
@@ -130,11 +137,14 @@ mod tests {
     }
 
     #[test]
-    fn cpu_defaults_to_f32_and_refuses_bf16() {
+    fn cpu_defaults_to_f32_and_takes_bf16() {
         assert_eq!(
             select_dtype(DTypeChoice::Auto, &Device::Cpu).unwrap(),
             DType::F32
         );
-        assert!(select_dtype(DTypeChoice::Bf16, &Device::Cpu).is_err());
+        assert_eq!(
+            select_dtype(DTypeChoice::Bf16, &Device::Cpu).unwrap(),
+            DType::BF16
+        );
     }
 }

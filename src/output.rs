@@ -29,7 +29,11 @@ pub fn parameters_text(m: &ImageMetadata) -> String {
     if m.eta != 0.0 {
         s.push_str(&format!(", Eta: {}", m.eta));
     }
-    s.push_str(&format!(", Version: easel {}", env!("CARGO_PKG_VERSION")));
+    s.push_str(&format!(
+        ", Dtype: {}, Version: easel {}",
+        m.dtype,
+        env!("CARGO_PKG_VERSION")
+    ));
     s
 }
 
@@ -360,6 +364,7 @@ mod tests {
             height: 768,
             model: "runwayml/stable-diffusion-v1-5".into(),
             eta: 0.0,
+            dtype: "bf16".into(),
         }
     }
 

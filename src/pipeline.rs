@@ -173,6 +173,9 @@ pub struct ImageMetadata {
     pub height: usize,
     pub model: String,
     pub eta: f64,
+    /// The weights' dtype (`f32`, `f16`, `bf16`): the same seed gives a slightly different
+    /// image in each.
+    pub dtype: String,
 }
 
 /// One finished image: 8-bit RGB, row-major.
@@ -296,6 +299,16 @@ impl Pipeline {
         })
     }
 
+    /// The activations' dtype: the weights' own, except bf16 on the CPU, where bf16 weights
+    /// meet f32 activations (products in bf16 or widened to f32, see `kernels::bf16`).
+    pub fn compute_dtype(&self) -> DType {
+        if self.device.is_cpu() && self.dtype == DType::BF16 {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+
     /// The size the model was trained at (512×512 for SD 1.x).
     pub fn default_size(&self) -> (usize, usize) {
         let s = self.unet_config.sample_size.unwrap_or(64) * self.vae_config.scale_factor();
@@ -344,6 +357,7 @@ impl Pipeline {
         };
         if self.single_use {
             *guard = None;
+            crate::kernels::return_freed_memory();
         }
         Ok(out)
     }
@@ -433,7 +447,7 @@ impl Pipeline {
         let shape = [1, self.vae_config.latent_channels, height / f, width / f];
         let values = noise.randn(&shape);
         let t = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?
-            .to_dtype(self.dtype)?
+            .to_dtype(self.compute_dtype())?
             .to_device(&self.device)?;
         Ok(if init_sigma == 1.0 {
             t
@@ -501,6 +515,7 @@ impl Pipeline {
         }
         if self.single_use {
             unet.0.take();
+            crate::kernels::return_freed_memory();
         }
         Ok(latents)
     }
@@ -597,6 +612,7 @@ impl Pipeline {
                     height: req.height,
                     model: self.model_name.clone(),
                     eta: req.eta,
+                    dtype: crate::device::dtype_name(self.dtype).into(),
                 },
                 seconds: start.elapsed().as_secs_f64(),
             })?;

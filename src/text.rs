@@ -7,9 +7,10 @@
 //! layouts, and encodes the negative and positive prompt in one batch.
 
 use crate::config::TextEncoderConfig;
+use crate::kernels::{layer_norm, linear, Linear};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, LayerNorm, VarBuilder};
 use std::path::Path;
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormalizerSequence, NFC};
@@ -337,8 +338,16 @@ impl ClipTextModel {
                 self.max_positions
             );
         }
-        let pos = self.position_embedding.narrow(0, 0, s)?;
-        let mut xs = self.token_embedding.forward(ids)?.broadcast_add(&pos)?;
+        // bf16 weights on the CPU meet f32 activations (see `kernels::bf16`).
+        let widen = |t: Tensor| -> candle_core::Result<Tensor> {
+            if t.device().is_cpu() && t.dtype() == DType::BF16 {
+                t.to_dtype(DType::F32)
+            } else {
+                Ok(t)
+            }
+        };
+        let pos = widen(self.position_embedding.narrow(0, 0, s)?)?;
+        let mut xs = widen(self.token_embedding.forward(ids)?)?.broadcast_add(&pos)?;
         let mask = causal_mask(s, xs.dtype(), xs.device())?;
         for layer in &self.layers {
             xs = layer.forward(&xs, &mask)?;

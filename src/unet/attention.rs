@@ -5,12 +5,12 @@ use candle_nn::Module;
 
 #[derive(Debug)]
 struct GeGlu {
-    proj: nn::Linear,
+    proj: crate::kernels::Linear,
 }
 
 impl GeGlu {
     fn new(vs: nn::VarBuilder, dim_in: usize, dim_out: usize) -> Result<Self> {
-        let proj = nn::linear(dim_in, dim_out * 2, vs.pp("proj"))?;
+        let proj = crate::kernels::linear(dim_in, dim_out * 2, vs.pp("proj"))?;
         Ok(Self { proj })
     }
 }
@@ -26,7 +26,7 @@ impl Module for GeGlu {
 #[derive(Debug)]
 struct FeedForward {
     project_in: GeGlu,
-    linear: nn::Linear,
+    linear: crate::kernels::Linear,
 }
 
 impl FeedForward {
@@ -39,7 +39,7 @@ impl FeedForward {
         let dim_out = dim_out.unwrap_or(dim);
         let vs = vs.pp("net");
         let project_in = GeGlu::new(vs.pp("0"), dim, inner_dim)?;
-        let linear = nn::linear(inner_dim, dim_out, vs.pp("2"))?;
+        let linear = crate::kernels::linear(inner_dim, dim_out, vs.pp("2"))?;
         Ok(Self { project_in, linear })
     }
 }
@@ -70,10 +70,10 @@ fn flash_attn(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: bool) -> Result<Ten
 
 #[derive(Debug)]
 pub struct CrossAttention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: crate::kernels::Linear,
+    to_k: crate::kernels::Linear,
+    to_v: crate::kernels::Linear,
+    to_out: crate::kernels::Linear,
     heads: usize,
     scale: f64,
     slice_size: Option<usize>,
@@ -94,10 +94,10 @@ impl CrossAttention {
         let inner_dim = dim_head * heads;
         let context_dim = context_dim.unwrap_or(query_dim);
         let scale = 1.0 / f64::sqrt(dim_head as f64);
-        let to_q = nn::linear_no_bias(query_dim, inner_dim, vs.pp("to_q"))?;
-        let to_k = nn::linear_no_bias(context_dim, inner_dim, vs.pp("to_k"))?;
-        let to_v = nn::linear_no_bias(context_dim, inner_dim, vs.pp("to_v"))?;
-        let to_out = nn::linear(inner_dim, query_dim, vs.pp("to_out.0"))?;
+        let to_q = crate::kernels::linear_no_bias(query_dim, inner_dim, vs.pp("to_q"))?;
+        let to_k = crate::kernels::linear_no_bias(context_dim, inner_dim, vs.pp("to_k"))?;
+        let to_v = crate::kernels::linear_no_bias(context_dim, inner_dim, vs.pp("to_v"))?;
+        let to_out = crate::kernels::linear(inner_dim, query_dim, vs.pp("to_out.0"))?;
         Ok(Self {
             to_q,
             to_k,
@@ -237,9 +237,9 @@ impl BasicTransformerBlock {
             sliced_attention_size,
             use_flash_attn,
         )?;
-        let norm1 = nn::layer_norm(dim, 1e-5, vs.pp("norm1"))?;
-        let norm2 = nn::layer_norm(dim, 1e-5, vs.pp("norm2"))?;
-        let norm3 = nn::layer_norm(dim, 1e-5, vs.pp("norm3"))?;
+        let norm1 = crate::kernels::layer_norm(dim, 1e-5, vs.pp("norm1"))?;
+        let norm2 = crate::kernels::layer_norm(dim, 1e-5, vs.pp("norm2"))?;
+        let norm3 = crate::kernels::layer_norm(dim, 1e-5, vs.pp("norm3"))?;
         Ok(Self {
             attn1,
             ff,
@@ -281,7 +281,7 @@ impl Default for SpatialTransformerConfig {
 #[derive(Debug)]
 enum Proj {
     Conv2d(crate::kernels::Conv2d),
-    Linear(nn::Linear),
+    Linear(crate::kernels::Linear),
 }
 
 // Aka Transformer2DModel
@@ -306,7 +306,11 @@ impl SpatialTransformer {
         let inner_dim = n_heads * d_head;
         let norm = crate::kernels::group_norm(config.num_groups, in_channels, 1e-6, vs.pp("norm"))?;
         let proj_in = if config.use_linear_projection {
-            Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_in"))?)
+            Proj::Linear(crate::kernels::linear(
+                in_channels,
+                inner_dim,
+                vs.pp("proj_in"),
+            )?)
         } else {
             Proj::Conv2d(crate::kernels::conv2d(
                 in_channels,
@@ -331,7 +335,11 @@ impl SpatialTransformer {
             transformer_blocks.push(tb)
         }
         let proj_out = if config.use_linear_projection {
-            Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_out"))?)
+            Proj::Linear(crate::kernels::linear(
+                in_channels,
+                inner_dim,
+                vs.pp("proj_out"),
+            )?)
         } else {
             Proj::Conv2d(crate::kernels::conv2d(
                 inner_dim,
@@ -416,10 +424,10 @@ impl Default for AttentionBlockConfig {
 #[derive(Debug)]
 pub struct AttentionBlock {
     group_norm: crate::kernels::GroupNorm,
-    query: nn::Linear,
-    key: nn::Linear,
-    value: nn::Linear,
-    proj_attn: nn::Linear,
+    query: crate::kernels::Linear,
+    key: crate::kernels::Linear,
+    value: crate::kernels::Linear,
+    proj_attn: crate::kernels::Linear,
     channels: usize,
     num_heads: usize,
     config: AttentionBlockConfig,
@@ -430,15 +438,15 @@ pub struct AttentionBlock {
 // Linear layer may use a different dimension for the weight in the linear, which is
 // incompatible with the current implementation of the nn::linear constructor.
 // This is a workaround to handle the different dimensions.
-fn get_qkv_linear(channels: usize, vs: nn::VarBuilder) -> Result<nn::Linear> {
+fn get_qkv_linear(channels: usize, vs: nn::VarBuilder) -> Result<crate::kernels::Linear> {
     match vs.get((channels, channels), "weight") {
-        Ok(_) => nn::linear(channels, channels, vs),
+        Ok(_) => crate::kernels::linear(channels, channels, vs),
         Err(_) => {
             let weight = vs
                 .get((channels, channels, 1, 1), "weight")?
                 .reshape((channels, channels))?;
             let bias = vs.get((channels,), "bias")?;
-            Ok(nn::Linear::new(weight, Some(bias)))
+            crate::kernels::Linear::new(nn::Linear::new(weight, Some(bias)))
         }
     }
 }

@@ -50,7 +50,7 @@ pub struct ResnetBlock2D {
     conv1: Conv2d,
     norm2: GroupNorm,
     conv2: Conv2d,
-    time_emb_proj: Option<nn::Linear>,
+    time_emb_proj: Option<crate::kernels::Linear>,
     conv_shortcut: Option<Conv2d>,
     config: ResnetBlock2DConfig,
 }
@@ -97,7 +97,7 @@ impl ResnetBlock2D {
         };
         let time_emb_proj = match config.temb_channels {
             None => None,
-            Some(temb_channels) => Some(nn::linear(
+            Some(temb_channels) => Some(crate::kernels::linear(
                 temb_channels,
                 out_channels,
                 vs.pp("time_emb_proj"),

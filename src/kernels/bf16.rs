@@ -1,0 +1,478 @@
+//! bf16 GEMM for the CPU: bf16 operands, f32 accumulation (`vdpbf16ps`, AVX-512 BF16).
+//!
+//! candle's CPU matmul rejects bf16 and gemm 0.19 has no bf16 kernel, so easel's `--dtype bf16`
+//! on the CPU runs its GEMMs here. Operands are stored as *pairs*: one `u32` holds two bf16
+//! values that are adjacent along the reduction axis `k` (low half = even `k`), which is the
+//! layout `vdpbf16ps` consumes: each f32 lane adds `a[2p]·b[2p] + a[2p+1]·b[2p+1]`.
+//!
+//! * `A` (m × kp pairs, row stride `lda`): one pair is broadcast to every lane.
+//! * `B` (kp pairs × n, row stride `ldb`): 16 consecutive columns of one pair row are one vector.
+//! * `C` (m × n f32, row stride `ldc`) is accumulated into: callers fill it first (zero or bias).
+//!
+//! Several *parts* that share `C` (the taps of a convolution) are summed in one call, so each
+//! tile of `C` stays in cache across all of them. Products of two bf16 values are exact in f32,
+//! so the only rounding beyond f32's is the operands' rounding to bf16.
+//! Without AVX-512 BF16 the same sums run through gemm's f32 kernel on unpacked operands.
+use rayon::prelude::*;
+
+/// Rounds to the nearest bf16, ties to even (what `vcvtneps2bf16` and `half` do); NaN stays NaN.
+#[inline(always)]
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    if (b & 0x7FFF_FFFF) > 0x7F80_0000 {
+        ((b >> 16) as u16) | 0x40
+    } else {
+        rounded
+    }
+}
+
+#[inline(always)]
+pub fn from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// Two values as one pair (`lo` at the even `k`).
+#[inline(always)]
+pub fn pair(lo: f32, hi: f32) -> u32 {
+    to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
+}
+
+/// `dst[i] = pair(lo[i], hi[i])`; `hi = None` pads an odd reduction length with zeros.
+pub fn pair_rows(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was just detected.
+        return unsafe { pair_rows_avx512(lo, hi, dst) };
+    }
+    pair_rows_portable(lo, hi, dst)
+}
+
+#[inline(always)]
+fn pair_rows_portable(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
+    match hi {
+        Some(hi) => {
+            for ((d, &a), &b) in dst.iter_mut().zip(lo).zip(hi) {
+                *d = pair(a, b);
+            }
+        }
+        None => {
+            for (d, &a) in dst.iter_mut().zip(lo) {
+                *d = to_bf16(a) as u32;
+            }
+        }
+    }
+}
+
+/// The same loop, compiled for AVX-512 so that LLVM vectorises the rounding.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pair_rows_avx512(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
+    pair_rows_portable(lo, hi, dst)
+}
+
+/// A row-major `rows × k` f32 matrix as `rows × ceil(k/2)` pairs (the `A` layout).
+pub fn pack_a(src: &[f32], rows: usize, k: usize) -> Vec<u32> {
+    let kp = k.div_ceil(2);
+    let mut dst = vec![0u32; rows * kp];
+    let body = |(row, d): (usize, &mut [u32])| {
+        let s = &src[row * k..(row + 1) * k];
+        for (p, v) in d.iter_mut().enumerate() {
+            let hi = if 2 * p + 1 < k { s[2 * p + 1] } else { 0.0 };
+            *v = pair(s[2 * p], hi);
+        }
+    };
+    if rows * k >= 1 << 15 {
+        dst.par_chunks_mut(kp).enumerate().for_each(body);
+    } else {
+        dst.chunks_mut(kp).enumerate().for_each(body);
+    }
+    dst
+}
+
+/// bf16 weights as f32, in parallel (bf16 → f32 is exact: the bits move up 16 places).
+pub fn unpack(src: &[half::bf16]) -> Vec<f32> {
+    let mut dst = vec![0f32; src.len()];
+    dst.par_chunks_mut(1 << 16)
+        .zip(src.par_chunks(1 << 16))
+        .for_each(|(d, s)| {
+            for (d, s) in d.iter_mut().zip(s) {
+                *d = f32::from_bits((s.to_bits() as u32) << 16);
+            }
+        });
+    dst
+}
+
+/// How layers with bf16 weights multiply on this CPU; chosen once per process so that runs on
+/// one machine are reproducible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// bf16 × bf16 products with `vdpbf16ps` (inputs rounded to bf16 as they are packed).
+    Dot,
+    /// bf16 weights widened to f32 just before each product, f32 FMAs (inputs stay f32).
+    Widen,
+}
+
+/// `EASEL_BF16_GEMM=dot|widen` decides; otherwise `Dot` on AMD CPUs with AVX-512 BF16 and
+/// `Widen` elsewhere. Why: on the Intel Xeon (no AMX) this was built on, `vdpbf16ps zmm`
+/// retires at half the f32 FMA's flop rate (one core: 92 vs 185 GFLOP/s in a register-only
+/// loop), so widening to f32 is faster there; Zen 4/5 run it at twice the FMA's rate.
+pub fn path() -> Path {
+    static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| match std::env::var("EASEL_BF16_GEMM").as_deref() {
+        Ok("dot") if native() => Path::Dot,
+        Ok("dot") | Ok("widen") => Path::Widen,
+        _ if native() && amd() => Path::Dot,
+        _ => Path::Widen,
+    })
+}
+
+fn amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let r = std::arch::x86_64::__cpuid(0);
+        let mut v = [0u8; 12];
+        v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+        v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+        &v == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the native `vdpbf16ps` kernel runs on this CPU (otherwise the f32 fallback does).
+pub fn native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Shapes and strides of one GEMM, in elements (pairs for `A`/`B`, f32 for `C`).
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub m: usize,
+    pub n: usize,
+    /// Reduction length in pairs.
+    pub kp: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+}
+
+/// `C += Σ_parts A_part · B_part`, where part `i` starts at `a[parts[i].0..]`, `b[parts[i].1..]`.
+///
+/// # Safety
+/// For every part, `A` rows `0..m` × pairs `0..kp` and `B` pair rows `0..kp` × columns `0..n`
+/// must lie inside `a` / `b` at the given strides, and `C` rows `0..m` × columns `0..n` inside
+/// `c`; nothing else may access `c` meanwhile.
+pub unsafe fn gemm(d: Dims, parts: &[(usize, usize)], a: &[u32], b: &[u32], c: *mut f32) {
+    if d.m == 0 || d.n == 0 || d.kp == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if native() {
+        return avx512::gemm(d, parts, a.as_ptr(), b.as_ptr(), c);
+    }
+    fallback(d, parts, a, b, c)
+}
+
+/// Unpacks each part to f32 and lets gemm's f32 kernel accumulate it (CPUs without AVX-512
+/// BF16; also the oracle the native kernel is tested against).
+unsafe fn fallback(d: Dims, parts: &[(usize, usize)], a: &[u32], b: &[u32], c: *mut f32) {
+    let k = 2 * d.kp;
+    let mut af = vec![0f32; d.m * k];
+    let mut bf = vec![0f32; k * d.n];
+    for &(ao, bo) in parts {
+        for i in 0..d.m {
+            for p in 0..d.kp {
+                let v = a[ao + i * d.lda + p];
+                af[i * k + 2 * p] = from_bf16(v as u16);
+                af[i * k + 2 * p + 1] = from_bf16((v >> 16) as u16);
+            }
+        }
+        for p in 0..d.kp {
+            for j in 0..d.n {
+                let v = b[bo + p * d.ldb + j];
+                bf[2 * p * d.n + j] = from_bf16(v as u16);
+                bf[(2 * p + 1) * d.n + j] = from_bf16((v >> 16) as u16);
+            }
+        }
+        gemm::gemm(
+            d.m,
+            d.n,
+            k,
+            c,
+            1,
+            d.ldc as isize,
+            true,
+            af.as_ptr(),
+            1,
+            k as isize,
+            bf.as_ptr(),
+            1,
+            d.n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Dims;
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    /// Micro-tile: 8 rows × 48 columns = 24 zmm accumulators, 3 for `B`, 1 broadcast.
+    const MR: usize = 8;
+    const NV: usize = 3;
+    const NR: usize = 16 * NV;
+    /// Cache blocks: a task owns a 128 × 192 block of `C` (96 KiB) and walks `k` in chunks of
+    /// 128 pairs, so the `B` micro-panel it reuses across row tiles (128 × 48 pairs, 24 KiB)
+    /// stays in L1 and the `A` block (64 KiB) in L2.
+    const MB: usize = 128;
+    const NB: usize = 4 * NR;
+    const KC: usize = 128;
+
+    #[derive(Clone, Copy)]
+    struct Ptrs {
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+    }
+    // SAFETY: tasks write disjoint blocks of `c` and only read `a`/`b`.
+    unsafe impl Send for Ptrs {}
+    unsafe impl Sync for Ptrs {}
+
+    pub unsafe fn gemm(
+        d: Dims,
+        parts: &[(usize, usize)],
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+    ) {
+        let p = Ptrs { a, b, c };
+        let mblocks = d.m.div_ceil(MB);
+        let nblocks = d.n.div_ceil(NB);
+        let task = move |t: usize| {
+            let p = p;
+            let (m0, n0) = ((t / nblocks) * MB, (t % nblocks) * NB);
+            let (m1, n1) = ((m0 + MB).min(d.m), (n0 + NB).min(d.n));
+            for &(ao, bo) in parts {
+                for k0 in (0..d.kp).step_by(KC) {
+                    let kc = KC.min(d.kp - k0);
+                    for j in (n0..n1).step_by(NR) {
+                        let cols = NR.min(n1 - j);
+                        let mut masks = [0u16; NV];
+                        for (v, m) in masks.iter_mut().enumerate() {
+                            let live = cols.saturating_sub(16 * v).min(16);
+                            *m = if live == 16 {
+                                u16::MAX
+                            } else {
+                                (1u16 << live) - 1
+                            };
+                        }
+                        let bp = p.b.add(bo + k0 * d.ldb + j);
+                        for i in (m0..m1).step_by(MR) {
+                            let ap = p.a.add(ao + i * d.lda + k0);
+                            let cp = p.c.add(i * d.ldc + j);
+                            let rows = MR.min(m1 - i);
+                            tile_dispatch(rows, kc, ap, d.lda, bp, d.ldb, cp, d.ldc, masks);
+                        }
+                    }
+                }
+            }
+        };
+        let tasks = mblocks * nblocks;
+        if tasks > 1 && rayon::current_num_threads() > 1 {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn tile_dispatch(
+        rows: usize,
+        kc: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        masks: [u16; NV],
+    ) {
+        match rows {
+            8 => tile::<8>(kc, a, lda, b, ldb, c, ldc, masks),
+            7 => tile::<7>(kc, a, lda, b, ldb, c, ldc, masks),
+            6 => tile::<6>(kc, a, lda, b, ldb, c, ldc, masks),
+            5 => tile::<5>(kc, a, lda, b, ldb, c, ldc, masks),
+            4 => tile::<4>(kc, a, lda, b, ldb, c, ldc, masks),
+            3 => tile::<3>(kc, a, lda, b, ldb, c, ldc, masks),
+            2 => tile::<2>(kc, a, lda, b, ldb, c, ldc, masks),
+            _ => tile::<1>(kc, a, lda, b, ldb, c, ldc, masks),
+        }
+    }
+
+    /// `C[0..R, 0..48] += A[0..R, 0..kc] · B[0..kc, 0..48]` (pairs), lanes beyond the masks
+    /// neither read nor written.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile<const R: usize>(
+        kc: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        masks: [u16; NV],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; R];
+        for (i, row) in acc.iter_mut().enumerate() {
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = _mm512_maskz_loadu_ps(masks[v], c.add(i * ldc + 16 * v));
+            }
+        }
+        for p in 0..kc {
+            let bp = b.add(p * ldb) as *const i32;
+            let bv: [__m512bh; NV] = [
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi32(masks[0], bp)),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi32(
+                    masks[1],
+                    bp.add(16),
+                )),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi32(
+                    masks[2],
+                    bp.add(32),
+                )),
+            ];
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                    *a.add(i * lda + p) as i32,
+                ));
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm512_dpbf16_ps(*x, av, bv[v]);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (v, x) in row.iter().enumerate() {
+                _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), masks[v], *x);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn rounding_matches_half() {
+        let mut s = 7;
+        for _ in 0..10_000 {
+            let x = lcg(&mut s) * 1e3;
+            assert_eq!(to_bf16(x), half::bf16::from_f32(x).to_bits(), "{x}");
+        }
+        for x in [0.0f32, -0.0, f32::INFINITY, f32::MAX, 1e-40, -3.5] {
+            assert_eq!(to_bf16(x), half::bf16::from_f32(x).to_bits(), "{x}");
+        }
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+    }
+
+    /// The native kernel against plain f32 sums of the bf16-rounded operands, on shapes that
+    /// leave every kind of edge (rows < 8, columns < 48 and < 16, k not a block multiple) and
+    /// with several parts at offsets.
+    #[test]
+    fn gemm_matches_f32_sums_of_rounded_operands() {
+        let mut s = 1;
+        for &(m, n, kp, nparts) in &[
+            (1, 1, 1, 1),
+            (3, 17, 5, 1),
+            (8, 48, 128, 1),
+            (13, 97, 131, 2),
+            (130, 200, 300, 3),
+            (9, 5, 257, 1),
+        ] {
+            let (lda, ldb, ldc) = (kp + 3, n + 5, n + 2);
+            let a: Vec<u32> = (0..nparts * m * lda + 7)
+                .map(|_| pair(lcg(&mut s), lcg(&mut s)))
+                .collect();
+            let b: Vec<u32> = (0..nparts * kp * ldb + 11)
+                .map(|_| pair(lcg(&mut s), lcg(&mut s)))
+                .collect();
+            let parts: Vec<(usize, usize)> = (0..nparts)
+                .map(|i| (i * m * lda + 7 * (i % 2), i * kp * ldb + 3 * (i % 2)))
+                .collect();
+            let init: Vec<f32> = (0..m * ldc).map(|_| lcg(&mut s)).collect();
+            let mut want = init.clone();
+            for &(ao, bo) in &parts {
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut acc = 0f64;
+                        for p in 0..kp {
+                            let x = a[ao + i * lda + p];
+                            let y = b[bo + p * ldb + j];
+                            acc += from_bf16(x as u16) as f64 * from_bf16(y as u16) as f64;
+                            acc += from_bf16((x >> 16) as u16) as f64
+                                * from_bf16((y >> 16) as u16) as f64;
+                        }
+                        want[i * ldc + j] += acc as f32;
+                    }
+                }
+            }
+            let d = Dims {
+                m,
+                n,
+                kp,
+                lda,
+                ldb,
+                ldc,
+            };
+            for native_path in [true, false] {
+                let mut got = init.clone();
+                // SAFETY: every part's extent lies inside `a`/`b` by construction.
+                unsafe {
+                    if native_path {
+                        gemm(d, &parts, &a, &b, got.as_mut_ptr());
+                    } else {
+                        fallback(d, &parts, &a, &b, got.as_mut_ptr());
+                    }
+                }
+                for i in 0..m {
+                    for j in 0..ldc {
+                        let (g, w) = (got[i * ldc + j], want[i * ldc + j]);
+                        if j >= n {
+                            assert_eq!(g, init[i * ldc + j], "padding column written");
+                            continue;
+                        }
+                        let tol = 1e-5 * (2 * kp * nparts) as f32;
+                        assert!((g - w).abs() <= tol, "{m}x{n}x{kp} ({i},{j}): {g} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+}

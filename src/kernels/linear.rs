@@ -1,0 +1,179 @@
+//! Linear layers. f32/f16 weights go to candle; bf16 weights on the CPU take f32 inputs and
+//! give f32 outputs, multiplying through [`super::bf16`] along the [`Path`] chosen for the CPU.
+use super::bf16::{self, Path};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn as nn;
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Candle(nn::Linear),
+    /// Weight as `B` pairs: `ceil(k/2)` rows of `n` (see `bf16`).
+    Dot {
+        w: Arc<Vec<u32>>,
+        k: usize,
+        n: usize,
+        bias: Option<Arc<Vec<f32>>>,
+    },
+    /// Weight kept as bf16 `(n, k)`, widened to f32 for each product.
+    Widen {
+        w: Arc<Vec<half::bf16>>,
+        k: usize,
+        n: usize,
+        bias: Option<Tensor>,
+    },
+}
+
+/// Same arguments and tensor names as `candle_nn::linear`.
+pub fn linear(in_dim: usize, out_dim: usize, vs: nn::VarBuilder) -> Result<Linear> {
+    Linear::new(nn::linear(in_dim, out_dim, vs)?)
+}
+
+/// Same arguments and tensor names as `candle_nn::linear_no_bias`.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vs: nn::VarBuilder) -> Result<Linear> {
+    Linear::new(nn::linear_no_bias(in_dim, out_dim, vs)?)
+}
+
+impl Linear {
+    pub fn new(inner: nn::Linear) -> Result<Self> {
+        Self::with_path(inner, bf16::path())
+    }
+
+    /// As [`Linear::new`], with the bf16 path given (tests and benches compare both).
+    pub fn with_path(inner: nn::Linear, path: Path) -> Result<Self> {
+        let w = inner.weight();
+        if !(w.device().is_cpu() && w.dtype() == DType::BF16 && w.rank() == 2) {
+            return Ok(Self {
+                kind: Kind::Candle(inner),
+            });
+        }
+        let (n, k) = w.dims2()?;
+        let bits = w.flatten_all()?.to_vec1::<half::bf16>()?;
+        let kind = match path {
+            Path::Dot => {
+                let kp = k.div_ceil(2);
+                let mut packed = vec![0u32; kp * n];
+                for (p, row) in packed.chunks_mut(n).enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        let lo = bits[j * k + 2 * p].to_bits() as u32;
+                        let hi = if 2 * p + 1 < k {
+                            bits[j * k + 2 * p + 1].to_bits() as u32
+                        } else {
+                            0
+                        };
+                        *v = lo | hi << 16;
+                    }
+                }
+                let bias = match inner.bias() {
+                    Some(b) => Some(Arc::new(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
+                    None => None,
+                };
+                Kind::Dot {
+                    w: Arc::new(packed),
+                    k,
+                    n,
+                    bias,
+                }
+            }
+            Path::Widen => Kind::Widen {
+                w: Arc::new(bits),
+                k,
+                n,
+                bias: inner.bias().map(|b| b.to_dtype(DType::F32)).transpose()?,
+            },
+        };
+        Ok(Self { kind })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match &self.kind {
+            Kind::Candle(inner) => inner.forward(xs),
+            Kind::Widen { w, k, n, bias } => {
+                let wf = Tensor::from_vec(bf16::unpack(w), (*n, *k), xs.device())?;
+                nn::Linear::new(wf, bias.clone()).forward(&xs.to_dtype(DType::F32)?)
+            }
+            Kind::Dot { w, k, n, bias } => {
+                let xs = xs.to_dtype(DType::F32)?;
+                let mut dims = xs.dims().to_vec();
+                let rows = xs.elem_count() / k;
+                let a = bf16::pack_a(&xs.flatten_all()?.to_vec1::<f32>()?, rows, *k);
+                let mut out = vec![0f32; rows * n];
+                if let Some(b) = bias {
+                    for row in out.chunks_mut(*n) {
+                        row.copy_from_slice(b);
+                    }
+                }
+                let kp = k.div_ceil(2);
+                let d = bf16::Dims {
+                    m: rows,
+                    n: *n,
+                    kp,
+                    lda: kp,
+                    ldb: *n,
+                    ldc: *n,
+                };
+                // SAFETY: `a` is rows × kp, `w` kp × n, `out` rows × n, all contiguous.
+                unsafe { bf16::gemm(d, &[(0, 0)], &a, w, out.as_mut_ptr()) };
+                *dims.last_mut().unwrap() = *n;
+                Tensor::from_vec(out, dims, xs.device())
+            }
+        }
+    }
+}
+
+/// `candle_nn::layer_norm`, with bf16 parameters on the CPU widened to f32 once (the
+/// activations they meet are f32 there).
+pub fn layer_norm(dim: usize, eps: f64, vs: nn::VarBuilder) -> Result<nn::LayerNorm> {
+    let ln = nn::layer_norm(dim, eps, vs)?;
+    if ln.weight().device().is_cpu() && ln.weight().dtype() == DType::BF16 {
+        let bias = ln.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let weight = ln.weight().to_dtype(DType::F32)?;
+        return Ok(match bias {
+            Some(b) => nn::LayerNorm::new(weight, b, eps),
+            None => nn::LayerNorm::new_no_bias(weight, eps),
+        });
+    }
+    Ok(ln)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Both bf16 paths against candle's f32 linear on the same (bf16-valued) weights; the
+    /// `Dot` path also rounds its input, so it is compared with the rounded input.
+    #[test]
+    fn bf16_linear_matches_f32_linear() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(rows, k, n) in &[(1, 1, 1), (3, 7, 5), (2 * 77, 33, 50), (5, 64, 130)] {
+            let x = Tensor::randn(0f32, 1.0, (2, rows, k), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(DType::BF16)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?.to_dtype(DType::BF16)?;
+            let wf = w.to_dtype(DType::F32)?;
+            let bf = b.to_dtype(DType::F32)?;
+            let xr = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            let reference = nn::Linear::new(wf, Some(bf));
+            for path in [Path::Dot, Path::Widen] {
+                let l = Linear::with_path(nn::Linear::new(w.clone(), Some(b.clone())), path)?;
+                let got = l.forward(&x)?;
+                let want = reference.forward(if path == Path::Dot { &xr } else { &x })?;
+                assert_eq!(got.dims(), want.dims());
+                let err = (got - want)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                assert!(err < 1e-4, "{path:?} {rows}x{k}x{n}: {err}");
+            }
+        }
+        Ok(())
+    }
+}
