@@ -13,6 +13,8 @@
 //! tile of `C` stays in cache across all of them. Products of two bf16 values are exact in f32,
 //! so the only rounding beyond f32's is the operands' rounding to bf16.
 //! Without AVX-512 BF16 the same sums run through gemm's f32 kernel on unpacked operands.
+use super::tiled;
+pub use super::tiled::Dims;
 use rayon::prelude::*;
 
 /// Rounds to the nearest bf16, ties to even (what `vcvtneps2bf16` and `half` do); NaN stays NaN.
@@ -155,31 +157,19 @@ pub fn native() -> bool {
     }
 }
 
-/// Shapes and strides of one GEMM, in elements (pairs for `A`/`B`, f32 for `C`).
-#[derive(Debug, Clone, Copy)]
-pub struct Dims {
-    pub m: usize,
-    pub n: usize,
-    /// Reduction length in pairs.
-    pub kp: usize,
-    pub lda: usize,
-    pub ldb: usize,
-    pub ldc: usize,
-}
-
 /// `C += Σ_parts A_part · B_part`, where part `i` starts at `a[parts[i].0..]`, `b[parts[i].1..]`.
 ///
 /// # Safety
-/// For every part, `A` rows `0..m` × pairs `0..kp` and `B` pair rows `0..kp` × columns `0..n`
+/// For every part, `A` rows `0..m` × pairs `0..k` and `B` pair rows `0..k` × columns `0..n`
 /// must lie inside `a` / `b` at the given strides, and `C` rows `0..m` × columns `0..n` inside
 /// `c`; nothing else may access `c` meanwhile.
 pub unsafe fn gemm(d: Dims, parts: &[(usize, usize)], a: &[u32], b: &[u32], c: *mut f32) {
-    if d.m == 0 || d.n == 0 || d.kp == 0 {
+    if d.m == 0 || d.n == 0 || d.k == 0 {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if native() {
-        return avx512::gemm(d, parts, a.as_ptr(), b.as_ptr(), c);
+        return tiled::gemm::<tiled::x86::Bf16Dot>(d, parts, a.as_ptr(), b.as_ptr(), c);
     }
     fallback(d, parts, a, b, c)
 }
@@ -187,18 +177,18 @@ pub unsafe fn gemm(d: Dims, parts: &[(usize, usize)], a: &[u32], b: &[u32], c: *
 /// Unpacks each part to f32 and lets gemm's f32 kernel accumulate it (CPUs without AVX-512
 /// BF16; also the oracle the native kernel is tested against).
 unsafe fn fallback(d: Dims, parts: &[(usize, usize)], a: &[u32], b: &[u32], c: *mut f32) {
-    let k = 2 * d.kp;
+    let k = 2 * d.k;
     let mut af = vec![0f32; d.m * k];
     let mut bf = vec![0f32; k * d.n];
     for &(ao, bo) in parts {
         for i in 0..d.m {
-            for p in 0..d.kp {
+            for p in 0..d.k {
                 let v = a[ao + i * d.lda + p];
                 af[i * k + 2 * p] = from_bf16(v as u16);
                 af[i * k + 2 * p + 1] = from_bf16((v >> 16) as u16);
             }
         }
-        for p in 0..d.kp {
+        for p in 0..d.k {
             for j in 0..d.n {
                 let v = b[bo + p * d.ldb + j];
                 bf[2 * p * d.n + j] = from_bf16(v as u16);
@@ -226,155 +216,6 @@ unsafe fn fallback(d: Dims, parts: &[(usize, usize)], a: &[u32], b: &[u32], c: *
             false,
             gemm::Parallelism::None,
         );
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::Dims;
-    use rayon::prelude::*;
-    use std::arch::x86_64::*;
-
-    /// Micro-tile: 8 rows × 48 columns = 24 zmm accumulators, 3 for `B`, 1 broadcast.
-    const MR: usize = 8;
-    const NV: usize = 3;
-    const NR: usize = 16 * NV;
-    /// Cache blocks: a task owns a 128 × 192 block of `C` (96 KiB) and walks `k` in chunks of
-    /// 128 pairs, so the `B` micro-panel it reuses across row tiles (128 × 48 pairs, 24 KiB)
-    /// stays in L1 and the `A` block (64 KiB) in L2.
-    const MB: usize = 128;
-    const NB: usize = 4 * NR;
-    const KC: usize = 128;
-
-    #[derive(Clone, Copy)]
-    struct Ptrs {
-        a: *const u32,
-        b: *const u32,
-        c: *mut f32,
-    }
-    // SAFETY: tasks write disjoint blocks of `c` and only read `a`/`b`.
-    unsafe impl Send for Ptrs {}
-    unsafe impl Sync for Ptrs {}
-
-    pub unsafe fn gemm(
-        d: Dims,
-        parts: &[(usize, usize)],
-        a: *const u32,
-        b: *const u32,
-        c: *mut f32,
-    ) {
-        let p = Ptrs { a, b, c };
-        let mblocks = d.m.div_ceil(MB);
-        let nblocks = d.n.div_ceil(NB);
-        let task = move |t: usize| {
-            let p = p;
-            let (m0, n0) = ((t / nblocks) * MB, (t % nblocks) * NB);
-            let (m1, n1) = ((m0 + MB).min(d.m), (n0 + NB).min(d.n));
-            for &(ao, bo) in parts {
-                for k0 in (0..d.kp).step_by(KC) {
-                    let kc = KC.min(d.kp - k0);
-                    for j in (n0..n1).step_by(NR) {
-                        let cols = NR.min(n1 - j);
-                        let mut masks = [0u16; NV];
-                        for (v, m) in masks.iter_mut().enumerate() {
-                            let live = cols.saturating_sub(16 * v).min(16);
-                            *m = if live == 16 {
-                                u16::MAX
-                            } else {
-                                (1u16 << live) - 1
-                            };
-                        }
-                        let bp = p.b.add(bo + k0 * d.ldb + j);
-                        for i in (m0..m1).step_by(MR) {
-                            let ap = p.a.add(ao + i * d.lda + k0);
-                            let cp = p.c.add(i * d.ldc + j);
-                            let rows = MR.min(m1 - i);
-                            tile_dispatch(rows, kc, ap, d.lda, bp, d.ldb, cp, d.ldc, masks);
-                        }
-                    }
-                }
-            }
-        };
-        let tasks = mblocks * nblocks;
-        if tasks > 1 && rayon::current_num_threads() > 1 {
-            (0..tasks).into_par_iter().for_each(task);
-        } else {
-            (0..tasks).for_each(task);
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    unsafe fn tile_dispatch(
-        rows: usize,
-        kc: usize,
-        a: *const u32,
-        lda: usize,
-        b: *const u32,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-        masks: [u16; NV],
-    ) {
-        match rows {
-            8 => tile::<8>(kc, a, lda, b, ldb, c, ldc, masks),
-            7 => tile::<7>(kc, a, lda, b, ldb, c, ldc, masks),
-            6 => tile::<6>(kc, a, lda, b, ldb, c, ldc, masks),
-            5 => tile::<5>(kc, a, lda, b, ldb, c, ldc, masks),
-            4 => tile::<4>(kc, a, lda, b, ldb, c, ldc, masks),
-            3 => tile::<3>(kc, a, lda, b, ldb, c, ldc, masks),
-            2 => tile::<2>(kc, a, lda, b, ldb, c, ldc, masks),
-            _ => tile::<1>(kc, a, lda, b, ldb, c, ldc, masks),
-        }
-    }
-
-    /// `C[0..R, 0..48] += A[0..R, 0..kc] · B[0..kc, 0..48]` (pairs), lanes beyond the masks
-    /// neither read nor written.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile<const R: usize>(
-        kc: usize,
-        a: *const u32,
-        lda: usize,
-        b: *const u32,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-        masks: [u16; NV],
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); NV]; R];
-        for (i, row) in acc.iter_mut().enumerate() {
-            for (v, x) in row.iter_mut().enumerate() {
-                *x = _mm512_maskz_loadu_ps(masks[v], c.add(i * ldc + 16 * v));
-            }
-        }
-        for p in 0..kc {
-            let bp = b.add(p * ldb) as *const i32;
-            let bv: [__m512bh; NV] = [
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi32(masks[0], bp)),
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi32(
-                    masks[1],
-                    bp.add(16),
-                )),
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi32(
-                    masks[2],
-                    bp.add(32),
-                )),
-            ];
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
-                    *a.add(i * lda + p) as i32,
-                ));
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = _mm512_dpbf16_ps(*x, av, bv[v]);
-                }
-            }
-        }
-        for (i, row) in acc.iter().enumerate() {
-            for (v, x) in row.iter().enumerate() {
-                _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), masks[v], *x);
-            }
-        }
     }
 }
 
@@ -446,7 +287,7 @@ mod tests {
             let d = Dims {
                 m,
                 n,
-                kp,
+                k: kp,
                 lda,
                 ldb,
                 ldc,

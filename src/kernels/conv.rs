@@ -2,10 +2,13 @@
 //! with no im2col copy: on the padded grid (width `W + 2p`), the contribution of tap `(ky, kx)`
 //! to every output pixel is one matrix product `W[:, :, ky, kx] · Xpad[:, shift..]` where the
 //! right-hand side is just the padded image viewed from offset `ky·Wp + kx`. The `Wp − W'`
-//! columns that wrap around are computed and dropped when the result is cropped.
-//! Other convolutions (strided, grouped, non-f32, non-CPU) go to candle.
+//! columns that wrap around are computed and dropped when the result is cropped. The weights
+//! are stored tap-major once at load: f32 taps go to gemm one call each; bf16 pairs go to
+//! [`super::tiled`], which sums all taps per cache block of the output.
+//! Other convolutions (strided, grouped, non-CPU, f16) go to candle.
 use super::bf16::{self, Path};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use super::tiled::{self, Dims};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn as nn;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -18,15 +21,8 @@ pub struct Conv2d {
 #[derive(Debug, Clone)]
 enum Kind {
     Candle(nn::Conv2d),
-    /// bf16 weights on the CPU, packed once for the bf16 GEMM (the tensor is not kept).
-    Dot(Arc<PackedConv>),
-    /// bf16 weights on the CPU, widened to f32 for each call (any stride).
-    Widen {
-        w: Arc<Vec<half::bf16>>,
-        shape: (usize, usize, usize, usize),
-        bias: Option<Tensor>,
-        cfg: nn::Conv2dConfig,
-    },
+    /// CPU, stride 1: tap-major weights (f32, bf16 pairs, or bf16 widened per call).
+    Taps(Arc<PackedConv>),
 }
 
 /// Same arguments and tensor names as `candle_nn::conv2d`. bf16 weights on the CPU take f32
@@ -50,22 +46,24 @@ impl Conv2d {
     pub fn with_path(inner: nn::Conv2d, path: Path) -> Result<Self> {
         let w = inner.weight();
         let c = *inner.config();
-        if !(w.device().is_cpu() && w.dtype() == DType::BF16 && w.rank() == 4) {
-            return Ok(Self {
-                kind: Kind::Candle(inner),
-            });
-        }
-        let bias = inner.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let cpu = w.device().is_cpu() && w.rank() == 4;
         let stride1 = c.stride == 1 && c.dilation == 1 && c.groups == 1;
-        let kind = if path == Path::Dot && stride1 {
-            Kind::Dot(Arc::new(PackedConv::new(w, bias.as_ref(), c.padding)?))
-        } else {
-            Kind::Widen {
-                w: Arc::new(w.flatten_all()?.to_vec1::<half::bf16>()?),
-                shape: w.dims4()?,
-                bias,
-                cfg: c,
+        let kind = match w.dtype() {
+            DType::F32 | DType::BF16 if cpu && stride1 => {
+                let form = match (w.dtype(), path) {
+                    (DType::F32, _) => Form::F32,
+                    (_, Path::Dot) => Form::Pairs,
+                    (_, Path::Widen) => Form::Widen,
+                };
+                Kind::Taps(Arc::new(PackedConv::new(w, inner.bias(), c.padding, form)?))
             }
+            // Strided bf16 convolutions (three downsamplers in the UNet) run on candle in f32.
+            DType::BF16 if cpu => {
+                let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+                let bias = inner.bias().map(f32).transpose()?;
+                Kind::Candle(nn::Conv2d::new(f32(w)?, bias, c))
+            }
+            _ => Kind::Candle(inner),
         };
         Ok(Self { kind })
     }
@@ -73,64 +71,25 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let widened;
-        let inner = match &self.kind {
-            Kind::Dot(p) => {
-                return xs
-                    .to_dtype(DType::F32)?
-                    .contiguous()?
-                    .apply_op1_no_bwd(&Bf16ConvOp(p.clone()))
+        match &self.kind {
+            Kind::Taps(p) if xs.rank() == 4 => xs
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .apply_op1_no_bwd(&TapsOp(p.clone())),
+            Kind::Taps(_) => {
+                candle_core::bail!("conv2d: expected a 4-d input, got {:?}", xs.dims())
             }
-            Kind::Widen {
-                w,
-                shape,
-                bias,
-                cfg,
-            } => {
-                let wf = Tensor::from_vec(bf16::unpack(w), *shape, xs.device())?;
-                widened = nn::Conv2d::new(wf, bias.clone(), *cfg);
-                return Self {
-                    kind: Kind::Candle(widened),
-                }
-                .forward(&xs.to_dtype(DType::F32)?);
-            }
-            Kind::Candle(inner) => inner,
-        };
-        let c = inner.config();
-        let w = inner.weight();
-        let fast = xs.device().is_cpu()
-            && xs.dtype() == DType::F32
-            && w.dtype() == DType::F32
-            && c.stride == 1
-            && c.dilation == 1
-            && c.groups == 1
-            && xs.rank() == 4;
-        if !fast {
-            return inner.forward(xs);
+            Kind::Candle(inner) => inner.forward(xs),
         }
-        conv2d_fast(xs, w, inner.bias(), c.padding)
     }
 }
 
-/// The fast path: f32 CPU, stride 1. `x` (N, Cin, H, W), `w` (Cout, Cin, K, K), `b` (Cout).
+/// f32 convolution through the tap kernel, packing `w` on the fly (tests, benches and one-off
+/// calls; layers pack once at load). `x` (N, Cin, H, W), `w` (Cout, Cin, K, K), `b` (Cout).
 pub fn conv2d_fast(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let w = w.contiguous()?;
-    let bias = match b {
-        Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-        None => None,
-    };
-    x.apply_op2_no_bwd(&w, &ConvOp { padding, bias })
+    let packed = PackedConv::new(&w.to_dtype(DType::F32)?, b, padding, Form::F32)?;
+    x.contiguous()?.apply_op1_no_bwd(&TapsOp(Arc::new(packed)))
 }
-
-struct ConvOp {
-    padding: usize,
-    bias: Option<Vec<f32>>,
-}
-
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let all = s.as_slice::<f32>()?;
@@ -140,183 +99,27 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
-impl CustomOp2 for ConvOp {
-    fn name(&self) -> &'static str {
-        "easel-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, cin, h, wd) = l1.shape().dims4()?;
-        let (cout, cin2, kh, kw) = l2.shape().dims4()?;
-        if cin != cin2 {
-            candle_core::bail!("conv: {cin} input channels, kernel expects {cin2}");
-        }
-        let p = self.padding;
-        let (hp, wp) = (h + 2 * p, wd + 2 * p);
-        if hp < kh || wp < kw {
-            candle_core::bail!("conv: kernel larger than the padded input");
-        }
-        let (ho, wo) = (hp - kh + 1, wp - kw + 1);
-        let x = slice(s1, l1)?;
-        let w = slice(s2, l2)?;
-        let threads = rayon::current_num_threads();
-        let par = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        let direct = p == 0 && kh == 1 && kw == 1;
-        // One image with padding: crop the GEMM result in place instead of into a new buffer.
-        let in_place = n == 1 && !direct;
-        let mut out = if in_place {
-            Vec::new()
-        } else {
-            vec![0f32; n * cout * ho * wo]
-        };
-        // Padded input: per channel `hp*wp` values plus `kw` of slack for the wrapped columns.
-        let cs = if direct { h * wd } else { hp * wp + kw };
-        let mut pad = if direct {
-            Vec::new()
-        } else {
-            vec![0f32; cin * cs]
-        };
-        let grid = ho * wp; // output computed on the padded-width grid
-        let mut acc = if direct {
-            Vec::new()
-        } else {
-            vec![0f32; cout * grid]
-        };
-        for b in 0..n {
-            let xb = &x[b * cin * h * wd..(b + 1) * cin * h * wd];
-            let ob: &mut [f32] = if in_place {
-                &mut []
-            } else {
-                &mut out[b * cout * ho * wo..(b + 1) * cout * ho * wo]
-            };
-            let init = |buf: &mut [f32], plane: usize| -> bool {
-                match &self.bias {
-                    Some(bias) => {
-                        buf.par_chunks_mut(plane)
-                            .zip(bias.par_iter())
-                            .for_each(|(c, &v)| c.fill(v));
-                        true
-                    }
-                    None => false,
-                }
-            };
-            if direct {
-                let has_bias = init(ob, h * wd);
-                // 1×1 without padding: a single GEMM straight into the output.
-                // SAFETY: shapes and strides match the slices' lengths.
-                unsafe {
-                    gemm::gemm(
-                        cout,
-                        h * wd,
-                        cin,
-                        ob.as_mut_ptr(),
-                        1,
-                        (h * wd) as isize,
-                        has_bias,
-                        w.as_ptr(),
-                        1,
-                        cin as isize,
-                        xb.as_ptr(),
-                        1,
-                        (h * wd) as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        par,
-                    );
-                }
-                continue;
-            }
-            pad.par_chunks_mut(cs).enumerate().for_each(|(c, dst)| {
-                let src = &xb[c * h * wd..(c + 1) * h * wd];
-                for y in 0..h {
-                    let o = (y + p) * wp + p;
-                    dst[o..o + wd].copy_from_slice(&src[y * wd..(y + 1) * wd]);
-                }
-            });
-            let has_bias = init(&mut acc, grid);
-            let taps = kh * kw;
-            for ky in 0..kh {
-                for kx in 0..kw {
-                    let t = ky * kw + kx;
-                    // SAFETY: the largest rhs index is (cin-1)*cs + (ho-1+ky)*wp + wp-1+kx
-                    // < cin*cs because cs = hp*wp + kw; lhs indexes w[co, ci, ky, kx].
-                    unsafe {
-                        gemm::gemm(
-                            cout,
-                            grid,
-                            cin,
-                            acc.as_mut_ptr(),
-                            1,
-                            grid as isize,
-                            t > 0 || has_bias,
-                            w.as_ptr().add(t),
-                            taps as isize,
-                            (cin * taps) as isize,
-                            pad.as_ptr().add(ky * wp + kx),
-                            1,
-                            cs as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            par,
-                        );
-                    }
-                }
-            }
-            if in_place {
-                drop(std::mem::take(&mut pad));
-                // Rows move left only (destination index ≤ source index): safe in order.
-                for co in 0..cout {
-                    for y in 0..ho {
-                        let from = co * grid + y * wp;
-                        acc.copy_within(from..from + wo, co * ho * wo + y * wo);
-                    }
-                }
-                acc.truncate(cout * ho * wo);
-                acc.shrink_to_fit();
-                return Ok((CpuStorage::F32(acc), Shape::from((n, cout, ho, wo))));
-            }
-            let dst = SendPtr(ob.as_mut_ptr());
-            let acc = &acc;
-            (0..cout).into_par_iter().for_each(|co| {
-                let dst = &dst;
-                for y in 0..ho {
-                    let src = &acc[co * grid + y * wp..co * grid + y * wp + wo];
-                    // SAFETY: each channel writes its own disjoint plane of the output.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            src.as_ptr(),
-                            dst.0.add(co * ho * wo + y * wo),
-                            wo,
-                        );
-                    }
-                }
-            });
-        }
-        Ok((CpuStorage::F32(out), Shape::from((n, cout, ho, wo))))
-    }
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    F32,
+    Pairs,
+    Widen,
 }
 
-/// Convolution weights for the bf16 GEMM: tap-major, per tap `cout × ceil(cin/2)` pairs (the
-/// `A` operand; the input, interleaved by channel pairs on the padded grid, is `B`).
+#[derive(Debug)]
+enum TapWeights {
+    F32(Vec<f32>),
+    /// bf16 pairs along `cin` (the `A` operand of `bf16::gemm`).
+    Pairs(Vec<u32>),
+    /// bf16, tap-major like `F32`, widened for each call.
+    Widen(Vec<half::bf16>),
+}
+
+/// Convolution weights stored tap-major: per tap a `cout × cin` matrix (`cout × ceil(cin/2)`
+/// pairs for `Pairs`), the `A` operand; the input on its padded grid is `B`.
 #[derive(Debug)]
 pub struct PackedConv {
-    w: Vec<u32>,
+    w: TapWeights,
     cout: usize,
     cin: usize,
     kh: usize,
@@ -326,30 +129,59 @@ pub struct PackedConv {
 }
 
 impl PackedConv {
-    pub fn new(w: &Tensor, b: Option<&Tensor>, padding: usize) -> Result<Self> {
+    fn new(w: &Tensor, b: Option<&Tensor>, padding: usize, form: Form) -> Result<Self> {
         let (cout, cin, kh, kw) = w.dims4()?;
-        let (taps, cp) = (kh * kw, cin.div_ceil(2));
+        let taps = kh * kw;
         // One tensor at a time as f32 (bf16 → f32 → bf16 is exact).
         let wf = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut packed = vec![0u32; taps * cout * cp];
-        packed
-            .par_chunks_mut(cout * cp)
-            .enumerate()
-            .for_each(|(t, dst)| {
-                for co in 0..cout {
-                    for q in 0..cp {
-                        let at = |ci: usize| wf[(co * cin + ci) * taps + t];
-                        let hi = if 2 * q + 1 < cin { at(2 * q + 1) } else { 0.0 };
-                        dst[co * cp + q] = bf16::pair(at(2 * q), hi);
+        let at = |t: usize, co: usize, ci: usize| wf[(co * cin + ci) * taps + t];
+        let tap_major = |f: &(dyn Fn(f32) -> f32 + Sync)| -> Vec<f32> {
+            let mut v = vec![0f32; taps * cout * cin];
+            v.par_chunks_mut(cout * cin)
+                .enumerate()
+                .for_each(|(t, dst)| {
+                    for co in 0..cout {
+                        for ci in 0..cin {
+                            dst[co * cin + ci] = f(at(t, co, ci));
+                        }
                     }
-                }
-            });
+                });
+            v
+        };
+        let w = match form {
+            Form::F32 => TapWeights::F32(tap_major(&|x| x)),
+            Form::Widen => TapWeights::Widen(
+                tap_major(&|x| x)
+                    .into_iter()
+                    .map(half::bf16::from_f32)
+                    .collect(),
+            ),
+            Form::Pairs => {
+                let cp = cin.div_ceil(2);
+                let mut v = vec![0u32; taps * cout * cp];
+                v.par_chunks_mut(cout * cp)
+                    .enumerate()
+                    .for_each(|(t, dst)| {
+                        for co in 0..cout {
+                            for q in 0..cp {
+                                let hi = if 2 * q + 1 < cin {
+                                    at(t, co, 2 * q + 1)
+                                } else {
+                                    0.0
+                                };
+                                dst[co * cp + q] = bf16::pair(at(t, co, 2 * q), hi);
+                            }
+                        }
+                    });
+                TapWeights::Pairs(v)
+            }
+        };
         let bias = match b {
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
         Ok(Self {
-            w: packed,
+            w,
             cout,
             cin,
             kh,
@@ -360,7 +192,7 @@ impl PackedConv {
     }
 }
 
-/// Fills each of the `rows` rows of `c` (length `len`) with its bias, or zero.
+/// Fills each `len`-long row of `c` with its bias, or zero.
 fn fill_rows(c: &mut [f32], len: usize, bias: Option<&[f32]>) {
     c.par_chunks_mut(len).enumerate().for_each(|(r, row)| {
         row.fill(bias.map_or(0.0, |b| b[r]));
@@ -378,12 +210,97 @@ fn crop(acc: &[f32], dst: &mut [f32], grid: usize, wp: usize, ho: usize, wo: usi
         });
 }
 
-/// f32 in, f32 out; the products run in bf16 with f32 accumulation.
-struct Bf16ConvOp(Arc<PackedConv>);
+/// Geometry of one call.
+struct Geometry {
+    n: usize,
+    cin: usize,
+    h: usize,
+    wd: usize,
+    p: usize,
+    wp: usize,
+    ho: usize,
+    wo: usize,
+    /// 1×1 without padding: the GEMM writes the output directly.
+    direct: bool,
+    /// Elements per `B` row (one channel, or channel pair, on the padded grid + slack).
+    cs: usize,
+    /// Output computed per channel: `ho` rows of the padded width `wp`.
+    grid: usize,
+}
 
-impl CustomOp1 for Bf16ConvOp {
+/// `C += Σ_taps A_tap · B_tap` (`tiled::gemm_f32` or `bf16::gemm`).
+type TapGemm<E> = unsafe fn(Dims, &[(usize, usize)], &[E], &[E], *mut f32);
+
+/// f32 in, f32 out.
+struct TapsOp(Arc<PackedConv>);
+
+impl TapsOp {
+    /// Runs every image: `fill(image, b_rows)` lays the input out as `B`, `mm` sums the taps.
+    fn run<E: Copy + Default + Send + Sync>(
+        &self,
+        g: &Geometry,
+        rows: usize,
+        w: &[E],
+        mut fill: impl FnMut(usize, &mut [E]),
+        mm: TapGemm<E>,
+    ) -> Vec<f32> {
+        let pc = &*self.0;
+        let (cout, kw) = (pc.cout, pc.kw);
+        let mut b = vec![E::default(); rows * g.cs];
+        let mut acc = if g.direct {
+            Vec::new()
+        } else {
+            vec![0f32; cout * g.grid]
+        };
+        let parts: Vec<(usize, usize)> = (0..pc.kh * kw)
+            .map(|t| (t * cout * rows, (t / kw) * g.wp + t % kw))
+            .collect();
+        let dims = Dims {
+            m: cout,
+            n: g.grid,
+            k: rows,
+            lda: rows,
+            ldb: g.cs,
+            ldc: g.grid,
+        };
+        if g.n == 1 && !g.direct {
+            // One image: crop the accumulator in place rather than into a second buffer (the
+            // VAE's 512² layers are 134 MB each). Rows only move left, so in order is safe.
+            fill(0, &mut b);
+            fill_rows(&mut acc, g.grid, pc.bias.as_deref());
+            // SAFETY: as below.
+            unsafe { mm(dims, &parts, w, &b, acc.as_mut_ptr()) };
+            drop(b);
+            for co in 0..cout {
+                for y in 0..g.ho {
+                    let from = co * g.grid + y * g.wp;
+                    acc.copy_within(from..from + g.wo, (co * g.ho + y) * g.wo);
+                }
+            }
+            acc.truncate(cout * g.ho * g.wo);
+            acc.shrink_to_fit();
+            return acc;
+        }
+        let mut out = vec![0f32; g.n * cout * g.ho * g.wo];
+        for (i, ob) in out.chunks_mut(cout * g.ho * g.wo).enumerate() {
+            fill(i, &mut b);
+            let c: &mut [f32] = if g.direct { ob } else { &mut acc };
+            fill_rows(c, g.grid, pc.bias.as_deref());
+            // SAFETY: the largest B index is (rows-1)*cs + (kh-1)*wp + kw-1 + ho*wp - 1
+            // < rows*cs because cs = hp*wp + kw (or h*w for direct 1×1); A is taps × cout ×
+            // rows and C exactly cout × grid.
+            unsafe { mm(dims, &parts, w, &b, c.as_mut_ptr()) };
+            if !g.direct {
+                crop(&acc, ob, g.grid, g.wp, g.ho, g.wo);
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp1 for TapsOp {
     fn name(&self) -> &'static str {
-        "easel-conv2d-bf16"
+        "easel-conv2d"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -392,65 +309,70 @@ impl CustomOp1 for Bf16ConvOp {
         if cin != pc.cin {
             candle_core::bail!("conv: {cin} input channels, kernel expects {}", pc.cin);
         }
-        let (p, kh, kw, cout) = (pc.padding, pc.kh, pc.kw, pc.cout);
+        let (p, kh, kw) = (pc.padding, pc.kh, pc.kw);
         let (hp, wp) = (h + 2 * p, wd + 2 * p);
         if hp < kh || wp < kw {
             candle_core::bail!("conv: kernel larger than the padded input");
         }
-        let (ho, wo) = (hp - kh + 1, wp - kw + 1);
-        let x = slice(s, l)?;
         let direct = p == 0 && kh == 1 && kw == 1;
-        let cp = cin.div_ceil(2);
-        // Channel pairs on the padded grid, `kw` of slack for the wrapped columns.
-        let (cs, grid, row) = if direct {
-            (h * wd, h * wd, wd)
-        } else {
-            (hp * wp + kw, ho * wp, wp)
+        let (ho, wo) = (hp - kh + 1, wp - kw + 1);
+        let g = Geometry {
+            n,
+            cin,
+            h,
+            wd,
+            p,
+            wp: if direct { wd } else { wp },
+            ho,
+            wo,
+            direct,
+            cs: if direct { h * wd } else { hp * wp + kw },
+            grid: if direct { h * wd } else { ho * wp },
         };
-        let mut xb_pairs = vec![0u32; cp * cs];
-        let mut out = vec![0f32; n * cout * ho * wo];
-        let mut acc = if direct {
-            Vec::new()
-        } else {
-            vec![0f32; cout * grid]
-        };
-        let parts: Vec<(usize, usize)> = (0..kh * kw)
-            .map(|t| (t * cout * cp, (t / kw) * wp + t % kw))
-            .collect();
-        let dims = bf16::Dims {
-            m: cout,
-            n: grid,
-            kp: cp,
-            lda: cp,
-            ldb: cs,
-            ldc: grid,
-        };
+        let x = slice(s, l)?;
         let plane = h * wd;
-        for (b, ob) in out.chunks_mut(cout * ho * wo).enumerate() {
-            let xb = &x[b * cin * plane..(b + 1) * cin * plane];
-            xb_pairs
-                .par_chunks_mut(cs)
-                .enumerate()
-                .for_each(|(q, dst)| {
-                    let lo = &xb[2 * q * plane..(2 * q + 1) * plane];
-                    let hi =
-                        (2 * q + 1 < cin).then(|| &xb[(2 * q + 1) * plane..(2 * q + 2) * plane]);
-                    for y in 0..h {
-                        let o = (y + p) * row + p;
-                        let src = y * wd..(y + 1) * wd;
-                        bf16::pair_rows(&lo[src.clone()], hi.map(|r| &r[src]), &mut dst[o..o + wd]);
-                    }
-                });
-            let c: &mut [f32] = if direct { ob } else { &mut acc };
-            fill_rows(c, grid, pc.bias.as_deref());
-            // SAFETY: the largest B index is (cp-1)*cs + (kh-1)*wp + kw-1 + ho*wp - 1
-            // < cp*cs because cs = hp*wp + kw; A and C extents are exactly their buffers.
-            unsafe { bf16::gemm(dims, &parts, &pc.w, &xb_pairs, c.as_mut_ptr()) };
-            if !direct {
-                crop(&acc, ob, grid, wp, ho, wo);
+        // Rows of `B` for one image: each channel's rows placed inside the zero border.
+        let place = |src: &[f32], dst: &mut [f32]| {
+            for y in 0..g.h {
+                let o = (y + g.p) * g.wp + g.p;
+                dst[o..o + g.wd].copy_from_slice(&src[y * g.wd..(y + 1) * g.wd]);
             }
-        }
-        Ok((CpuStorage::F32(out), Shape::from((n, cout, ho, wo))))
+        };
+        let image = |i: usize| &x[i * cin * plane..(i + 1) * cin * plane];
+        let fill_f32 = |i: usize, b: &mut [f32]| {
+            let xb = image(i);
+            b.par_chunks_mut(g.cs)
+                .zip(xb.par_chunks(plane))
+                .for_each(|(dst, src)| place(src, dst));
+        };
+        let out = match &pc.w {
+            TapWeights::F32(w) => self.run(&g, cin, w, fill_f32, tiled::gemm_f32),
+            TapWeights::Widen(w) => {
+                let wf = bf16::unpack(w);
+                self.run(&g, cin, &wf, fill_f32, tiled::gemm_f32)
+            }
+            TapWeights::Pairs(w) => {
+                let fill = |i: usize, b: &mut [u32]| {
+                    let xb = image(i);
+                    b.par_chunks_mut(g.cs).enumerate().for_each(|(q, dst)| {
+                        let lo = &xb[2 * q * plane..(2 * q + 1) * plane];
+                        let hi = (2 * q + 1 < g.cin)
+                            .then(|| &xb[(2 * q + 1) * plane..(2 * q + 2) * plane]);
+                        for y in 0..g.h {
+                            let o = (y + g.p) * g.wp + g.p;
+                            let r = y * g.wd..(y + 1) * g.wd;
+                            bf16::pair_rows(
+                                &lo[r.clone()],
+                                hi.map(|h| &h[r]),
+                                &mut dst[o..o + g.wd],
+                            );
+                        }
+                    });
+                };
+                self.run(&g, cin.div_ceil(2), w, fill, bf16::gemm)
+            }
+        };
+        Ok((CpuStorage::F32(out), Shape::from((n, pc.cout, ho, wo))))
     }
 }
 

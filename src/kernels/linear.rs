@@ -114,7 +114,7 @@ impl Module for Linear {
                 let d = bf16::Dims {
                     m: rows,
                     n: *n,
-                    kp,
+                    k: kp,
                     lda: kp,
                     ldb: *n,
                     ldc: *n,

@@ -8,6 +8,7 @@ pub mod conv;
 pub mod linear;
 pub mod norm;
 pub mod simd;
+pub mod tiled;
 
 pub use attention::attention;
 pub use conv::{conv2d, Conv2d};
