@@ -1,6 +1,7 @@
 //! UNet / VAE / text-encoder forward at 256² and 512².
 //! `EASEL_BENCH_MODEL=/path/to/full-size-sd cargo bench --bench models`; without it the tiny
 //! test fixture (tests/fixtures/tiny-a) is used, so the bench runs anywhere in seconds.
+//! `EASEL_BENCH_DTYPE=bf16` times the bf16 mode (bf16 weights, f32 activations).
 use candle_core::{DType, Device, Tensor};
 use easel::pipeline::Pipeline;
 use easel::weights::ModelSpec;
@@ -23,7 +24,11 @@ fn pipeline() -> &'static Pipeline {
         }
         .resolve()
         .unwrap();
-        Pipeline::load(&files, &Device::Cpu, DType::F32).unwrap()
+        let dtype = match std::env::var("EASEL_BENCH_DTYPE").as_deref() {
+            Ok("bf16") => DType::BF16,
+            _ => DType::F32,
+        };
+        Pipeline::load(&files, &Device::Cpu, dtype).unwrap()
     })
 }
 

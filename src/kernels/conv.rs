@@ -199,32 +199,24 @@ fn fill_rows(c: &mut [f32], len: usize, bias: Option<&[f32]>) {
     });
 }
 
-/// Copies the valid `ho × wo` window of each `grid`-long row block (row width `wp`) to `dst`.
-fn crop(acc: &[f32], dst: &mut [f32], grid: usize, wp: usize, ho: usize, wo: usize) {
-    dst.par_chunks_mut(ho * wo)
-        .zip(acc.par_chunks(grid))
-        .for_each(|(d, a)| {
-            for y in 0..ho {
-                d[y * wo..(y + 1) * wo].copy_from_slice(&a[y * wp..y * wp + wo]);
-            }
-        });
-}
-
-/// Geometry of one call.
+/// Geometry of one call. The batch is stacked into one tall canvas (image `i`'s padded rows
+/// start at row `i·hp`), so every image goes through the same GEMM: at the UNet's 16² and 8²
+/// levels (1280 channels, 80–288 output columns per image) that doubles the GEMM's width and
+/// streams each tap's weights once instead of once per image. Output rows that straddle two
+/// images are computed and dropped with the wrapped columns.
 struct Geometry {
     n: usize,
     cin: usize,
     h: usize,
     wd: usize,
     p: usize,
+    hp: usize,
     wp: usize,
     ho: usize,
     wo: usize,
-    /// 1×1 without padding: the GEMM writes the output directly.
-    direct: bool,
-    /// Elements per `B` row (one channel, or channel pair, on the padded grid + slack).
+    /// Elements per `B` row: one channel (or channel pair) of the whole canvas, + `kw` slack.
     cs: usize,
-    /// Output computed per channel: `ho` rows of the padded width `wp`.
+    /// Output columns: the canvas's `n·hp − kh + 1` rows of width `wp`.
     grid: usize,
 }
 
@@ -235,23 +227,22 @@ type TapGemm<E> = unsafe fn(Dims, &[(usize, usize)], &[E], &[E], *mut f32);
 struct TapsOp(Arc<PackedConv>);
 
 impl TapsOp {
-    /// Runs every image: `fill(image, b_rows)` lays the input out as `B`, `mm` sums the taps.
+    /// `fill(b)` lays the batch out as `B` (one canvas row of `cs` per channel or pair), `mm`
+    /// sums the taps into the accumulator, which is then cropped into the output.
     fn run<E: Copy + Default + Send + Sync>(
         &self,
         g: &Geometry,
         rows: usize,
         w: &[E],
-        mut fill: impl FnMut(usize, &mut [E]),
+        fill: impl FnOnce(&mut [E]),
         mm: TapGemm<E>,
     ) -> Vec<f32> {
         let pc = &*self.0;
         let (cout, kw) = (pc.cout, pc.kw);
         let mut b = vec![E::default(); rows * g.cs];
-        let mut acc = if g.direct {
-            Vec::new()
-        } else {
-            vec![0f32; cout * g.grid]
-        };
+        fill(&mut b);
+        let mut acc = vec![0f32; cout * g.grid];
+        fill_rows(&mut acc, g.grid, pc.bias.as_deref());
         let parts: Vec<(usize, usize)> = (0..pc.kh * kw)
             .map(|t| (t * cout * rows, (t / kw) * g.wp + t % kw))
             .collect();
@@ -263,37 +254,34 @@ impl TapsOp {
             ldb: g.cs,
             ldc: g.grid,
         };
-        if g.n == 1 && !g.direct {
-            // One image: crop the accumulator in place rather than into a second buffer (the
-            // VAE's 512² layers are 134 MB each). Rows only move left, so in order is safe.
-            fill(0, &mut b);
-            fill_rows(&mut acc, g.grid, pc.bias.as_deref());
-            // SAFETY: as below.
-            unsafe { mm(dims, &parts, w, &b, acc.as_mut_ptr()) };
-            drop(b);
+        // SAFETY: the largest B index is (rows-1)*cs + (kh-1)*wp + kw-1 + grid-1
+        // = (rows-1)*cs + n*hp*wp + kw-2 < rows*cs as cs = n*hp*wp + kw; A is taps × cout ×
+        // rows and C exactly cout × grid.
+        unsafe { mm(dims, &parts, w, &b, acc.as_mut_ptr()) };
+        drop(b);
+        let plane = g.ho * g.wo;
+        if g.n == 1 {
+            // One image: crop in place rather than into a second buffer (the VAE's 512² layers
+            // are 134 MB each). Rows only move left, so in order is safe.
             for co in 0..cout {
                 for y in 0..g.ho {
                     let from = co * g.grid + y * g.wp;
                     acc.copy_within(from..from + g.wo, (co * g.ho + y) * g.wo);
                 }
             }
-            acc.truncate(cout * g.ho * g.wo);
+            acc.truncate(cout * plane);
             acc.shrink_to_fit();
             return acc;
         }
-        let mut out = vec![0f32; g.n * cout * g.ho * g.wo];
-        for (i, ob) in out.chunks_mut(cout * g.ho * g.wo).enumerate() {
-            fill(i, &mut b);
-            let c: &mut [f32] = if g.direct { ob } else { &mut acc };
-            fill_rows(c, g.grid, pc.bias.as_deref());
-            // SAFETY: the largest B index is (rows-1)*cs + (kh-1)*wp + kw-1 + ho*wp - 1
-            // < rows*cs because cs = hp*wp + kw (or h*w for direct 1×1); A is taps × cout ×
-            // rows and C exactly cout × grid.
-            unsafe { mm(dims, &parts, w, &b, c.as_mut_ptr()) };
-            if !g.direct {
-                crop(&acc, ob, g.grid, g.wp, g.ho, g.wo);
+        let mut out = vec![0f32; g.n * cout * plane];
+        out.par_chunks_mut(plane).enumerate().for_each(|(ic, d)| {
+            let (i, co) = (ic / cout, ic % cout);
+            let a = &acc[co * g.grid..(co + 1) * g.grid];
+            for y in 0..g.ho {
+                let from = (i * g.hp + y) * g.wp;
+                d[y * g.wo..(y + 1) * g.wo].copy_from_slice(&a[from..from + g.wo]);
             }
-        }
+        });
         out
     }
 }
@@ -314,7 +302,6 @@ impl CustomOp1 for TapsOp {
         if hp < kh || wp < kw {
             candle_core::bail!("conv: kernel larger than the padded input");
         }
-        let direct = p == 0 && kh == 1 && kw == 1;
         let (ho, wo) = (hp - kh + 1, wp - kw + 1);
         let g = Geometry {
             n,
@@ -322,28 +309,29 @@ impl CustomOp1 for TapsOp {
             h,
             wd,
             p,
-            wp: if direct { wd } else { wp },
+            hp,
+            wp,
             ho,
             wo,
-            direct,
-            cs: if direct { h * wd } else { hp * wp + kw },
-            grid: if direct { h * wd } else { ho * wp },
+            cs: n * hp * wp + kw,
+            grid: (n * hp - kh + 1) * wp,
         };
         let x = slice(s, l)?;
         let plane = h * wd;
-        // Rows of `B` for one image: each channel's rows placed inside the zero border.
-        let place = |src: &[f32], dst: &mut [f32]| {
-            for y in 0..g.h {
-                let o = (y + g.p) * g.wp + g.p;
-                dst[o..o + g.wd].copy_from_slice(&src[y * g.wd..(y + 1) * g.wd]);
-            }
+        // Channel `c` of image `i`, row `y`: its place on the canvas row.
+        let src = |i: usize, c: usize, y: usize| {
+            let o = (i * cin + c) * plane + y * wd;
+            &x[o..o + wd]
         };
-        let image = |i: usize| &x[i * cin * plane..(i + 1) * cin * plane];
-        let fill_f32 = |i: usize, b: &mut [f32]| {
-            let xb = image(i);
-            b.par_chunks_mut(g.cs)
-                .zip(xb.par_chunks(plane))
-                .for_each(|(dst, src)| place(src, dst));
+        let at = |i: usize, y: usize| (i * g.hp + y + g.p) * g.wp + g.p;
+        let fill_f32 = |b: &mut [f32]| {
+            b.par_chunks_mut(g.cs).enumerate().for_each(|(c, dst)| {
+                for i in 0..g.n {
+                    for y in 0..g.h {
+                        dst[at(i, y)..at(i, y) + g.wd].copy_from_slice(src(i, c, y));
+                    }
+                }
+            });
         };
         let out = match &pc.w {
             TapWeights::F32(w) => self.run(&g, cin, w, fill_f32, tiled::gemm_f32),
@@ -352,20 +340,14 @@ impl CustomOp1 for TapsOp {
                 self.run(&g, cin, &wf, fill_f32, tiled::gemm_f32)
             }
             TapWeights::Pairs(w) => {
-                let fill = |i: usize, b: &mut [u32]| {
-                    let xb = image(i);
+                let fill = |b: &mut [u32]| {
                     b.par_chunks_mut(g.cs).enumerate().for_each(|(q, dst)| {
-                        let lo = &xb[2 * q * plane..(2 * q + 1) * plane];
-                        let hi = (2 * q + 1 < g.cin)
-                            .then(|| &xb[(2 * q + 1) * plane..(2 * q + 2) * plane]);
-                        for y in 0..g.h {
-                            let o = (y + g.p) * g.wp + g.p;
-                            let r = y * g.wd..(y + 1) * g.wd;
-                            bf16::pair_rows(
-                                &lo[r.clone()],
-                                hi.map(|h| &h[r]),
-                                &mut dst[o..o + g.wd],
-                            );
+                        for i in 0..g.n {
+                            for y in 0..g.h {
+                                let hi = (2 * q + 1 < g.cin).then(|| src(i, 2 * q + 1, y));
+                                let d = &mut dst[at(i, y)..at(i, y) + g.wd];
+                                bf16::pair_rows(src(i, 2 * q, y), hi, d);
+                            }
                         }
                     });
                 };
