@@ -1,4 +1,5 @@
-//! A cache-blocked GEMM over operands that need no packing, for the bf16 (`vdpbf16ps`) tile.
+//! A cache-blocked GEMM over operands that need no packing, with a bf16 (`vdpbf16ps`) and an
+//! f32 (FMA) micro-tile.
 //!
 //! `C += Σ_parts A_part · B_part`: `A` is read one element at a time and broadcast (so any row
 //! stride works: the weights), `B` 16 consecutive columns at a time straight from memory (so a
@@ -67,6 +68,22 @@ pub unsafe fn gemm<T: Tile>(
     b: *const T::Elem,
     c: *mut f32,
 ) {
+    gemm_on::<T>(d, parts, a, b, c, true)
+}
+
+/// [`gemm`], on the calling thread only when `parallel` is false (callers already inside a
+/// rayon task).
+///
+/// # Safety
+/// As for [`gemm`].
+pub unsafe fn gemm_on<T: Tile>(
+    d: Dims,
+    parts: &[(usize, usize)],
+    a: *const T::Elem,
+    b: *const T::Elem,
+    c: *mut f32,
+    parallel: bool,
+) {
     if d.m == 0 || d.n == 0 || d.k == 0 {
         return;
     }
@@ -111,69 +128,102 @@ pub unsafe fn gemm<T: Tile>(
             }
         }
     };
-    if tasks > 1 && rayon::current_num_threads() > 1 {
+    if parallel && tasks > 1 && rayon::current_num_threads() > 1 {
         (0..tasks).into_par_iter().for_each(task);
     } else {
         (0..tasks).for_each(task);
     }
 }
 
-/// The bf16 micro-tile: `vdpbf16ps` adds `a[2p]·b[2p] + a[2p+1]·b[2p+1]` into each f32 lane.
+/// Generates a micro-tile type: `$load(mask, ptr)` reads 16 `B` elements as a vector,
+/// `$bcast(x)` spreads one `A` element, `$fma(acc, a, b)` accumulates.
+macro_rules! micro_tile {
+    ($(#[$doc:meta])* $name:ident, $elem:ty, $features:literal, $load:expr, $bcast:expr, $fma:expr) => {
+        $(#[$doc])*
+        pub struct $name;
+
+        impl Tile for $name {
+            type Elem = $elem;
+
+            #[target_feature(enable = $features)]
+            unsafe fn tile<const R: usize>(
+                kc: usize,
+                a: *const $elem,
+                lda: usize,
+                b: *const $elem,
+                ldb: usize,
+                c: *mut f32,
+                ldc: usize,
+                masks: [u16; NV],
+            ) {
+                let mut acc = [[_mm512_setzero_ps(); NV]; R];
+                for (i, row) in acc.iter_mut().enumerate() {
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = _mm512_maskz_loadu_ps(masks[v], c.add(i * ldc + 16 * v));
+                    }
+                }
+                for p in 0..kc {
+                    let bp = b.add(p * ldb);
+                    let bv = [
+                        $load(masks[0], bp),
+                        $load(masks[1], bp.add(16)),
+                        $load(masks[2], bp.add(32)),
+                    ];
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let av = $bcast(*a.add(i * lda + p));
+                        for (v, x) in row.iter_mut().enumerate() {
+                            *x = $fma(*x, av, bv[v]);
+                        }
+                    }
+                }
+                for (i, row) in acc.iter().enumerate() {
+                    for (v, x) in row.iter().enumerate() {
+                        _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), masks[v], *x);
+                    }
+                }
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 pub mod x86 {
     use super::{Tile, NV};
     use std::arch::x86_64::*;
 
-    pub struct Bf16Dot;
+    micro_tile!(
+        /// bf16 pairs: `vdpbf16ps` adds `a[2p]·b[2p] + a[2p+1]·b[2p+1]` into each f32 lane.
+        Bf16Dot,
+        u32,
+        "avx512f,avx512bf16",
+        |m, p: *const u32| std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi32(
+            m,
+            p as *const i32
+        )),
+        |x: u32| std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(x as i32)),
+        |acc, a, b| _mm512_dpbf16_ps(acc, a, b)
+    );
 
-    impl Tile for Bf16Dot {
-        type Elem = u32;
+    micro_tile!(
+        /// f32 FMAs (attention, where `B` — Kᵀ or V — is reused in place by every query block).
+        F32Fma,
+        f32,
+        "avx512f",
+        |m, p: *const f32| _mm512_maskz_loadu_ps(m, p),
+        |x: f32| _mm512_set1_ps(x),
+        |acc, a, b| _mm512_fmadd_ps(a, b, acc)
+    );
+}
 
-        #[target_feature(enable = "avx512f,avx512bf16")]
-        unsafe fn tile<const R: usize>(
-            kc: usize,
-            a: *const u32,
-            lda: usize,
-            b: *const u32,
-            ldb: usize,
-            c: *mut f32,
-            ldc: usize,
-            masks: [u16; NV],
-        ) {
-            let load = |m: u16, p: *const u32| {
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi32(
-                    m,
-                    p as *const i32,
-                ))
-            };
-            let mut acc = [[_mm512_setzero_ps(); NV]; R];
-            for (i, row) in acc.iter_mut().enumerate() {
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = _mm512_maskz_loadu_ps(masks[v], c.add(i * ldc + 16 * v));
-                }
-            }
-            for p in 0..kc {
-                let bp = b.add(p * ldb);
-                let bv = [
-                    load(masks[0], bp),
-                    load(masks[1], bp.add(16)),
-                    load(masks[2], bp.add(32)),
-                ];
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
-                        *a.add(i * lda + p) as i32,
-                    ));
-                    for (v, x) in row.iter_mut().enumerate() {
-                        *x = _mm512_dpbf16_ps(*x, av, bv[v]);
-                    }
-                }
-            }
-            for (i, row) in acc.iter().enumerate() {
-                for (v, x) in row.iter().enumerate() {
-                    _mm512_mask_storeu_ps(c.add(i * ldc + 16 * v), masks[v], *x);
-                }
-            }
-        }
+/// Whether the f32 tile runs on this CPU.
+pub fn f32_native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
