@@ -3,7 +3,7 @@
 //! per-thread buffer, are soft-maxed in place and multiplied by V with `gemm`. Blocks are spread
 //! over the rayon pool, so at 512² (4096 tokens) the extra memory is a few MB instead of
 //! 16 × 4096 × 4096 floats.
-use super::simd::softmax_row;
+use super::simd::{exp_row, softmax_row};
 #[cfg(target_arch = "x86_64")]
 use super::tiled::x86::F32Fma;
 use super::tiled::{self, Dims};
@@ -122,12 +122,19 @@ impl Sdpa {
                         scores.as_mut_ptr(),
                         false,
                     );
-                    for r in 0..rows {
-                        softmax_row(&mut scores[r * lk..(r + 1) * lk], self.scale);
-                    }
+                    let sums: Vec<f32> = scores[..rows * lk]
+                        .chunks_exact_mut(lk)
+                        .map(|row| exp_row(row, self.scale))
+                        .collect();
                     let vp = v.as_ptr().add(bi * lk * dv);
                     let op = dst.0.add((bi * lq + r0) * dv);
                     tiled::gemm_on::<F32Fma>(o_dims, &[(0, 0)], scores.as_ptr(), vp, op, false);
+                    // The softmax's division, on the output rows.
+                    let o = std::slice::from_raw_parts_mut(op, rows * dv);
+                    for (row, s) in o.chunks_exact_mut(dv).zip(sums) {
+                        let inv = 1.0 / s;
+                        row.iter_mut().for_each(|x| *x *= inv);
+                    }
                 }
             },
         );

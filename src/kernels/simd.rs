@@ -50,8 +50,10 @@ macro_rules! dispatch {
 }
 
 dispatch! {
-    /// Softmax of one row in place, `scale` applied to the logits first. Returns nothing.
-    pub fn softmax_row(row: &mut [f32], scale: f32) {
+    /// `exp(scale·x − max)` of one row in place; returns the row's sum (the softmax's
+    /// denominator, left to the caller so attention can divide its 40-wide output instead of
+    /// the 4096-wide row).
+    pub fn exp_row(row: &mut [f32], scale: f32) -> f32 {
         // 16 independent lanes so the reductions vectorise (float adds are not reassociated).
         let mut mx = [f32::NEG_INFINITY; 16];
         let mut it = row.chunks_exact(16);
@@ -80,8 +82,14 @@ dispatch! {
             *v = e;
             s += e;
         }
-        s += acc.iter().sum::<f32>();
-        let inv = 1.0 / s;
+        s + acc.iter().sum::<f32>()
+    }
+}
+
+dispatch! {
+    /// Softmax of one row in place, `scale` applied to the logits first.
+    pub fn softmax_row(row: &mut [f32], scale: f32) {
+        let inv = 1.0 / exp_row(row, scale);
         for v in row.iter_mut() {
             *v *= inv;
         }
