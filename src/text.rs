@@ -7,8 +7,9 @@
 //! layouts, and encodes the negative and positive prompt in one batch.
 
 use crate::config::TextEncoderConfig;
+use crate::kernels::clip;
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use std::path::Path;
 use tokenizers::models::bpe::BPE;
@@ -211,38 +212,47 @@ enum Activation {
 impl Activation {
     fn forward(self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            Self::QuickGelu => clip::quick_gelu(xs),
             Self::Gelu => xs.gelu_erf(),
         }
     }
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// The q, k and v projections stacked into one (3·hidden × hidden) linear: one GEMM
+    /// instead of three, and its output is what the causal-attention kernel reads.
+    qkv: Linear,
     out: Linear,
     heads: usize,
-    head_dim: usize,
 }
 
 impl Attention {
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, s, h) = xs.dims3()?;
-        let split = |t: Tensor| {
-            t.reshape((b, s, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.q.forward(xs)?)?;
-        let k = split(self.k.forward(xs)?)?;
-        let v = split(self.v.forward(xs)?)?;
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let w = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-        let w = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let o = w.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let o = clip::causal_self_attention(&self.qkv.forward(xs)?, self.heads)?;
         self.out.forward(&o)
     }
+}
+
+/// One linear computing `[a | b | c]` for linears `a`, `b`, `c` on the same input.
+fn stack_linears(parts: &[Linear]) -> candle_core::Result<Linear> {
+    let weights: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
+    let biases = parts
+        .iter()
+        .map(|l| l.bias().cloned())
+        .collect::<Option<Vec<_>>>();
+    let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+    Ok(Linear::new(Tensor::cat(&weights, 0)?, bias))
+}
+
+/// The same linear with its weight stored transposed, (in × out) row-major behind a
+/// transposed view: `Linear` multiplies by `weightᵀ`, which is then a plain row-major matrix,
+/// the layout candle's CPU GEMM runs fastest on for these shapes (no packing of the weight).
+fn transposed_storage(l: Linear) -> candle_core::Result<Linear> {
+    if !l.weight().device().is_cpu() {
+        return Ok(l);
+    }
+    let w = l.weight().t()?.contiguous()?.t()?;
+    Ok(Linear::new(w, l.bias().cloned()))
 }
 
 struct EncoderLayer {
@@ -255,8 +265,8 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let h = (xs + self.attn.forward(&self.ln1.forward(xs)?, mask)?)?;
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let h = (xs + self.attn.forward(&self.ln1.forward(xs)?)?)?;
         let m = self.fc2.forward(
             &self
                 .act
@@ -301,19 +311,21 @@ impl ClipTextModel {
             .map(|i| {
                 let vb = vb.pp(format!("encoder.layers.{i}"));
                 let a = vb.pp("self_attn");
+                let qkv = stack_linears(&[
+                    linear(h, h, a.pp("q_proj"))?,
+                    linear(h, h, a.pp("k_proj"))?,
+                    linear(h, h, a.pp("v_proj"))?,
+                ])?;
                 Ok(EncoderLayer {
                     ln1: ln(vb.pp("layer_norm1"))?,
                     attn: Attention {
-                        q: linear(h, h, a.pp("q_proj"))?,
-                        k: linear(h, h, a.pp("k_proj"))?,
-                        v: linear(h, h, a.pp("v_proj"))?,
-                        out: linear(h, h, a.pp("out_proj"))?,
+                        qkv: transposed_storage(qkv)?,
+                        out: transposed_storage(linear(h, h, a.pp("out_proj"))?)?,
                         heads: cfg.num_attention_heads,
-                        head_dim: h / cfg.num_attention_heads,
                     },
                     ln2: ln(vb.pp("layer_norm2"))?,
-                    fc1: linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-                    fc2: linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
+                    fc1: transposed_storage(linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?)?,
+                    fc2: transposed_storage(linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?)?,
                     act,
                 })
             })
@@ -339,9 +351,8 @@ impl ClipTextModel {
         }
         let pos = self.position_embedding.narrow(0, 0, s)?;
         let mut xs = self.token_embedding.forward(ids)?.broadcast_add(&pos)?;
-        let mask = causal_mask(s, xs.dtype(), xs.device())?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
+            xs = layer.forward(&xs)?;
         }
         Ok(self.final_layer_norm.forward(&xs)?)
     }
@@ -356,13 +367,4 @@ impl ClipTextModel {
         let ids = Tensor::from_vec(ids, (prompts.len(), s), device)?;
         self.forward(&ids)
     }
-}
-
-/// (seq, seq) additive mask: 0 on and below the diagonal, -inf above, broadcast over batch
-/// and heads.
-fn causal_mask(s: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-    let v: Vec<f32> = (0..s)
-        .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(v, (s, s), device)?.to_dtype(dtype)
 }

@@ -3,6 +3,7 @@
 //! GroupNorm(+SiLU). Each falls back to the plain candle op off the fast path (non-f32, GPU).
 pub mod act;
 pub mod attention;
+pub mod clip;
 pub mod conv;
 pub mod norm;
 pub mod simd;

@@ -48,6 +48,7 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
 dispatch! {
     /// Softmax of one row in place, `scale` applied to the logits first. Returns nothing.
