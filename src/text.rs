@@ -209,15 +209,6 @@ enum Activation {
     Gelu,
 }
 
-impl Activation {
-    fn forward(self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::QuickGelu => clip::quick_gelu(xs),
-            Self::Gelu => xs.gelu_erf(),
-        }
-    }
-}
-
 struct Attention {
     /// The q, k and v projections stacked into one (3·hidden × hidden) linear: one GEMM
     /// instead of three, and its output is what the causal-attention kernel reads.
@@ -227,10 +218,29 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let o = clip::causal_self_attention(&self.qkv.forward(xs)?, self.heads)?;
-        self.out.forward(&o)
+    /// `residual + attention(xs)`, the residual added inside the output projection.
+    fn forward(&self, xs: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        let o = clip::causal_self_attention(&fused(&self.qkv, xs, None, None)?, self.heads)?;
+        fused(&self.out, &o, None, Some(residual))
     }
+}
+
+/// `act(l(xs)) + residual`, fused into the GEMM on the CPU (see [`clip::linear`]).
+fn fused(
+    l: &Linear,
+    xs: &Tensor,
+    act: Option<Activation>,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let epilogue = match act {
+        None => clip::Epilogue::None,
+        Some(Activation::QuickGelu) => clip::Epilogue::QuickGelu,
+        Some(Activation::Gelu) => {
+            let y = l.forward(xs)?.gelu_erf()?;
+            return residual.map_or(Ok(y.clone()), |r| &y + r);
+        }
+    };
+    clip::linear(xs, l.weight(), l.bias(), epilogue, residual)
 }
 
 /// One linear computing `[a | b | c]` for linears `a`, `b`, `c` on the same input.
@@ -266,13 +276,9 @@ struct EncoderLayer {
 
 impl EncoderLayer {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let h = (xs + self.attn.forward(&self.ln1.forward(xs)?)?)?;
-        let m = self.fc2.forward(
-            &self
-                .act
-                .forward(&self.fc1.forward(&self.ln2.forward(&h)?)?)?,
-        )?;
-        h + m
+        let h = self.attn.forward(&self.ln1.forward(xs)?, xs)?;
+        let m = fused(&self.fc1, &self.ln2.forward(&h)?, Some(self.act), None)?;
+        fused(&self.fc2, &m, None, Some(&h))
     }
 }
 

@@ -1,9 +1,10 @@
-//! The CLIP text encoder's non-GEMM work, fused: causal self-attention straight from the
-//! packed `[q | k | v]` projection (no per-head reshapes, transposes or mask tensor), and
-//! quick-GELU in one pass instead of three. Both spread over rayon; other dtypes/devices fall
-//! back to plain candle ops.
+//! The CLIP text encoder's kernels: linears whose bias, quick-GELU and residual add are fused
+//! into the GEMM, causal self-attention straight from the packed `[q | k | v]` projection (no
+//! per-head reshapes, transposes or mask tensor). All spread over rayon; other dtypes/devices fall back to plain candle ops.
 use super::simd::{exp_f32, softmax_row};
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
 use rayon::prelude::*;
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -16,6 +17,185 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+/// What [`linear`] does to the product besides adding the bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    None,
+    QuickGelu,
+}
+
+/// `act(x · weightᵀ + bias) + residual` for `weight` (out, in) (any strides: a transposed view
+/// of a row-major (in, out) matrix is fastest), `x` (..., in), `residual` (..., out).
+///
+/// On the CPU the output columns are split over the rayon threads, each running a
+/// single-threaded GEMM on its slice with bias, activation and residual applied while the slice
+/// is in cache: for CLIP's 154-row products this is ~1.5× faster than gemm's own threading, and
+/// saves candle's separate element-wise passes.
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    epilogue: Epilogue,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+        let op = LinearOp {
+            bias: bias
+                .map(|b| b.to_dtype(DType::F32)?.to_vec1())
+                .transpose()?,
+            epilogue,
+        };
+        let x = x.contiguous()?;
+        return match residual {
+            Some(r) => x.apply_op3_no_bwd(weight, &r.contiguous()?, &op),
+            None => x.apply_op2_no_bwd(weight, &op),
+        };
+    }
+    linear_reference(x, weight, bias, epilogue, residual)
+}
+
+/// The plain candle version (test oracle and non-f32/GPU path).
+pub fn linear_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    epilogue: Epilogue,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let mut y = x.broadcast_matmul(&weight.t()?)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    if epilogue == Epilogue::QuickGelu {
+        y = quick_gelu_reference(&y)?;
+    }
+    match residual {
+        Some(r) => y + r,
+        None => Ok(y),
+    }
+}
+
+struct LinearOp {
+    bias: Option<Vec<f32>>,
+    epilogue: Epilogue,
+}
+
+impl LinearOp {
+    fn run(
+        &self,
+        xs: (&CpuStorage, &Layout),
+        ws: (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs.0, xs.1, "linear")?;
+        let mut dims = xs.1.shape().dims().to_vec();
+        let k = dims.pop().unwrap_or(0);
+        let (n, k2) = ws.1.shape().dims2()?;
+        if k2 != k || self.bias.as_ref().is_some_and(|b| b.len() != n) {
+            candle_core::bail!(
+                "linear: input {:?}, weight {:?}",
+                xs.1.shape(),
+                ws.1.shape()
+            );
+        }
+        let m = x.len() / k.max(1);
+        dims.push(n);
+        let w = &ws.0.as_slice::<f32>()?[ws.1.start_offset()..];
+        let (w_n, w_k) = (ws.1.stride()[0] as isize, ws.1.stride()[1] as isize);
+        // dst starts as residual + bias; the GEMM accumulates onto it.
+        let mut out = match residual {
+            Some((s, l)) => {
+                if l.shape().dims() != dims.as_slice() {
+                    candle_core::bail!("linear: residual {:?}, output {dims:?}", l.shape());
+                }
+                f32_slice(s, l, "linear")?.to_vec()
+            }
+            None => vec![0f32; m * n],
+        };
+        if let Some(b) = &self.bias {
+            out.par_chunks_mut(n.max(1))
+                .for_each(|row| super::simd::add_assign(row, b));
+        }
+        // Column slices in whole multiples of the microkernel's 64 rows, about four per thread
+        // so that a thread the OS delays does not hold up the others.
+        let tasks = 4 * rayon::current_num_threads().max(1);
+        let chunk = n.div_ceil(tasks).div_ceil(64).max(1) * 64;
+        let dst = SendPtr(out.as_mut_ptr());
+        let gelu = self.epilogue == Epilogue::QuickGelu;
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|p| {
+            let n0 = p * chunk;
+            let nn = chunk.min(n - n0);
+            let dst = &dst;
+            // SAFETY: the slice's columns n0..n0+nn of the (m, n) output are written by this
+            // task only; `w` is read at n·w_n + k·w_k for n < out, k < in, inside its layout.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    nn,
+                    k,
+                    dst.0.add(n0),
+                    1,
+                    n as isize,
+                    true,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr().offset(n0 as isize * w_n),
+                    w_n,
+                    w_k,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                if gelu {
+                    for r in 0..m {
+                        let row = std::slice::from_raw_parts_mut(dst.0.add(r * n + n0), nn);
+                        quick_gelu_slice(row);
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "easel-clip-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "easel-clip-linear-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+}
 
 struct CausalAttention {
     heads: usize,
@@ -149,31 +329,9 @@ super::simd::dispatch! {
     }
 }
 
-struct QuickGelu;
-
-/// `x · sigmoid(1.702 x)` (CLIP's activation) in one pass.
-pub fn quick_gelu(xs: &Tensor) -> Result<Tensor> {
-    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
-        return xs.contiguous()?.apply_op1_no_bwd(&QuickGelu);
-    }
-    quick_gelu_reference(xs)
-}
-
-/// The plain candle version (test oracle and non-f32/GPU path).
+/// `x · sigmoid(1.702 x)` with candle ops (the reference for the fused epilogue).
 pub fn quick_gelu_reference(xs: &Tensor) -> Result<Tensor> {
     xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?
-}
-
-impl CustomOp1 for QuickGelu {
-    fn name(&self) -> &'static str {
-        "easel-quick-gelu"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut out = f32_slice(s, l, "quick gelu")?.to_vec();
-        out.par_chunks_mut(16384).for_each(quick_gelu_slice);
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
 }
 
 #[cfg(test)]
@@ -199,10 +357,27 @@ mod tests {
     }
 
     #[test]
-    fn quick_gelu_matches_candle() -> Result<()> {
-        let x = (Tensor::randn(0f32, 1.0, (2, 77, 19), &Device::Cpu)? * 4.0)?;
-        let err = max_err(&quick_gelu(&x)?, &quick_gelu_reference(&x)?)?;
-        assert!(err < 1e-5, "{err}");
+    fn linear_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(m, k, n) in &[(1, 1, 1), (154, 8, 19), (5, 19, 8), (154, 96, 300)] {
+            let x = Tensor::randn(0f32, 1.0, (2, m, k), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+            let r = Tensor::randn(0f32, 1.0, (2, m, n), &dev)?;
+            // Both weight layouts: as stored, and transposed behind a view.
+            for w in [w.clone(), w.t()?.contiguous()?.t()?] {
+                for (bias, act, res) in [
+                    (None, Epilogue::None, None),
+                    (Some(&b), Epilogue::QuickGelu, None),
+                    (Some(&b), Epilogue::None, Some(&r)),
+                ] {
+                    let got = linear(&x, &w, bias, act, res)?;
+                    let want = linear_reference(&x, &w, bias, act, res)?;
+                    let err = max_err(&got, &want)?;
+                    assert!(err < 1e-4, "{m}x{k}x{n} {act:?}: {err}");
+                }
+            }
+        }
         Ok(())
     }
 }
