@@ -30,7 +30,7 @@ pub enum Epilogue {
 ///
 /// On the CPU the output columns are split over the rayon threads, each running a
 /// single-threaded GEMM on its slice with bias, activation and residual applied while the slice
-/// is in cache: for CLIP's 154-row products this is ~1.5× faster than gemm's own threading, and
+/// is in cache: for CLIP's 154-row products this is ~1.4× faster (measured) than gemm's own threading, and
 /// saves candle's separate element-wise passes.
 pub fn linear(
     x: &Tensor,
@@ -99,24 +99,26 @@ impl LinearOp {
                 ws.1.shape()
             );
         }
-        let m = x.len() / k.max(1);
+        let m: usize = dims.iter().product();
         dims.push(n);
         let w = &ws.0.as_slice::<f32>()?[ws.1.start_offset()..];
         let (w_n, w_k) = (ws.1.stride()[0] as isize, ws.1.stride()[1] as isize);
         // dst starts as residual + bias; the GEMM accumulates onto it.
-        let mut out = match residual {
-            Some((s, l)) => {
+        let mut out = match (residual, &self.bias) {
+            (Some((s, l)), _) => {
                 if l.shape().dims() != dims.as_slice() {
                     candle_core::bail!("linear: residual {:?}, output {dims:?}", l.shape());
                 }
-                f32_slice(s, l, "linear")?.to_vec()
+                let mut out = f32_slice(s, l, "linear")?.to_vec();
+                if let Some(b) = &self.bias {
+                    out.par_chunks_mut(n.max(1))
+                        .for_each(|row| super::simd::add_assign(row, b));
+                }
+                out
             }
-            None => vec![0f32; m * n],
+            (None, Some(b)) => b.repeat(m),
+            (None, None) => vec![0f32; m * n],
         };
-        if let Some(b) = &self.bias {
-            out.par_chunks_mut(n.max(1))
-                .for_each(|row| super::simd::add_assign(row, b));
-        }
         // Column slices in whole multiples of the microkernel's 64 rows, about four per thread
         // so that a thread the OS delays does not hold up the others.
         let tasks = 4 * rayon::current_num_threads().max(1);
