@@ -247,6 +247,14 @@ fn fused(
     clip::linear(xs, l.weight(), l.bias(), epilogue, residual)
 }
 
+/// `ln(xs)` through easel's kernel (see [`clip::layer_norm`]).
+fn norm(ln: &LayerNorm, xs: &Tensor) -> candle_core::Result<Tensor> {
+    match ln.bias() {
+        Some(bias) if ln.remove_mean() => clip::layer_norm(xs, ln.weight(), bias, ln.eps()),
+        _ => ln.forward(xs),
+    }
+}
+
 /// One linear computing `[a | b | c]` for linears `a`, `b`, `c` on the same input.
 fn stack_linears(parts: &[Linear]) -> candle_core::Result<Linear> {
     let weights: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
@@ -280,8 +288,8 @@ struct EncoderLayer {
 
 impl EncoderLayer {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.attn.forward(&self.ln1.forward(xs)?, xs)?;
-        let m = fused(&self.fc1, &self.ln2.forward(&h)?, Some(self.act), None)?;
+        let h = self.attn.forward(&norm(&self.ln1, xs)?, xs)?;
+        let m = fused(&self.fc1, &norm(&self.ln2, &h)?, Some(self.act), None)?;
         fused(&self.fc2, &m, None, Some(&h))
     }
 }
@@ -364,7 +372,7 @@ impl ClipTextModel {
         for layer in &self.layers {
             xs = layer.forward(&xs)?;
         }
-        Ok(self.final_layer_norm.forward(&xs)?)
+        Ok(norm(&self.final_layer_norm, &xs)?)
     }
 
     /// Embeddings for already-tokenized prompts (one row each).

@@ -1,7 +1,7 @@
 //! The CLIP text encoder's kernels: linears whose bias, quick-GELU and residual add are fused
 //! into the GEMM, causal self-attention straight from the packed `[q | k | v]` projection (no
-//! per-head reshapes, transposes or mask tensor). All spread over rayon; other dtypes/devices fall back to plain candle ops.
-use super::simd::{exp_f32, softmax_row};
+//! per-head reshapes, transposes or mask tensor), and layer norm. All spread over rayon; other dtypes/devices fall back to plain candle ops.
+use super::simd::exp_f32;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
@@ -199,6 +199,97 @@ impl CustomOp3 for LinearOp {
     }
 }
 
+/// Layer norm over the last dimension (`weight`, `bias` of its size): each row's statistics in
+/// one vectorised pass (shifted by its first value for accuracy), rows spread over rayon.
+/// candle's version sums serially in f32 and takes ~5× as long on CLIP's 154 × 768.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let op = LayerNormOp {
+            weight: weight.to_dtype(DType::F32)?.to_vec1()?,
+            bias: bias.to_dtype(DType::F32)?.to_vec1()?,
+            eps,
+        };
+        return x.contiguous()?.apply_op1_no_bwd(&op);
+    }
+    candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32)
+}
+
+/// Lanes of the vectorised row loops (one AVX-512 register of f32).
+const LANES: usize = 16;
+
+struct LayerNormOp {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    eps: f64,
+}
+
+impl CustomOp1 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "easel-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "layer norm")?;
+        let n = l.shape().dims().last().copied().unwrap_or(0);
+        if n == 0 || n != self.weight.len() || n != self.bias.len() {
+            candle_core::bail!(
+                "layer norm: input {:?}, weight {}",
+                l.shape(),
+                self.weight.len()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        // Several rows per task: one row is too little work to be worth a task.
+        let rows = (8192 / n).max(1);
+        out.par_chunks_mut(n * rows)
+            .zip(x.par_chunks(n * rows))
+            .for_each(|(o, x)| {
+                for (o, x) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+                    let (sum, sq) = shifted_sums(x, x[0]);
+                    let m = sum as f64 / n as f64;
+                    let var = (sq as f64 / n as f64 - m * m).max(0.0);
+                    let mean = (m + x[0] as f64) as f32;
+                    let inv = (1.0 / (var + self.eps).sqrt()) as f32;
+                    norm_row(o, x, mean, inv, &self.weight, &self.bias);
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+super::simd::dispatch! {
+    /// Σ(x − shift) and Σ(x − shift)² of one row, in 16 f32 lanes (a row is a few thousand
+    /// values at most; the shift keeps the squares' sum accurate).
+    fn shifted_sums(x: &[f32], shift: f32) -> (f32, f32) {
+        let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+        let mut it = x.chunks_exact(LANES);
+        for v in &mut it {
+            // A fixed-size array, so the lanes vectorise.
+            let v: &[f32; LANES] = v.try_into().expect("chunks_exact");
+            for l in 0..LANES {
+                let d = v[l] - shift;
+                a[l] += d;
+                b[l] += d * d;
+            }
+        }
+        for (l, &v) in it.remainder().iter().enumerate() {
+            let d = v - shift;
+            a[l] += d;
+            b[l] += d * d;
+        }
+        (a.iter().sum(), b.iter().sum())
+    }
+}
+
+super::simd::dispatch! {
+    /// dst = (x − mean) · inv · weight + bias
+    fn norm_row(dst: &mut [f32], x: &[f32], mean: f32, inv: f32, weight: &[f32], bias: &[f32]) {
+        for (((d, &x), &w), &b) in dst.iter_mut().zip(x).zip(weight).zip(bias) {
+            *d = (x - mean) * inv * w + b;
+        }
+    }
+}
+
 struct CausalAttention {
     heads: usize,
 }
@@ -255,8 +346,10 @@ impl CustomOp1 for CausalAttention {
         let dst = SendPtr(out.as_mut_ptr());
         let scale = (d as f32).powf(-0.5);
         // One task per (batch, head): its scores (seq × seq) fit in L1/L2.
+        // Score rows padded to whole vectors, for the masked softmax.
+        let sp = s.next_multiple_of(LANES);
         (0..b * heads).into_par_iter().for_each_init(
-            || vec![0f32; s * s],
+            || vec![0f32; s * sp],
             |scores, task| {
                 let (bi, hi) = (task / heads, task % heads);
                 let base = bi * s * h3 + hi * d;
@@ -272,7 +365,7 @@ impl CustomOp1 for CausalAttention {
                         d,
                         scores.as_mut_ptr(),
                         1,
-                        s as isize,
+                        sp as isize,
                         false,
                         q.as_ptr(),
                         1,
@@ -288,10 +381,9 @@ impl CustomOp1 for CausalAttention {
                         gemm::Parallelism::None,
                     );
                 }
-                // Row i attends to keys 0..=i: softmax over that prefix, zero weight after.
-                for (i, row) in scores.chunks_mut(s).enumerate() {
-                    softmax_row(&mut row[..=i], scale);
-                    row[i + 1..].fill(0.0);
+                // Row i attends to keys 0..=i.
+                for (i, row) in scores.chunks_exact_mut(sp).enumerate() {
+                    causal_softmax(row, i, scale);
                 }
                 unsafe {
                     gemm::gemm(
@@ -304,7 +396,7 @@ impl CustomOp1 for CausalAttention {
                         false,
                         scores.as_ptr(),
                         1,
-                        s as isize,
+                        sp as isize,
                         v.as_ptr(),
                         1,
                         h3 as isize,
@@ -319,6 +411,37 @@ impl CustomOp1 for CausalAttention {
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((b, s, h))))
+    }
+}
+
+super::simd::dispatch! {
+    /// Softmax of `row[..=i]` with `scale` applied to the logits, zeros after: whole 16-lane
+    /// vectors with the mask applied per lane (`row.len()` is a multiple of [`LANES`]), instead
+    /// of a scalar tail on every one of the short rows.
+    fn causal_softmax(row: &mut [f32], i: usize, scale: f32) {
+        let mut mx = [f32::NEG_INFINITY; LANES];
+        for (c, v) in row.chunks_exact(LANES).enumerate() {
+            let v: &[f32; LANES] = v.try_into().expect("chunks_exact");
+            for l in 0..LANES {
+                let x = if c * LANES + l <= i { v[l] } else { f32::NEG_INFINITY };
+                mx[l] = if x > mx[l] { x } else { mx[l] };
+            }
+        }
+        let m = mx.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a }) * scale;
+        let mut sum = [0f32; LANES];
+        for (c, v) in row.chunks_exact_mut(LANES).enumerate() {
+            let v: &mut [f32; LANES] = v.try_into().expect("chunks_exact");
+            for l in 0..LANES {
+                let e = exp_f32(v[l] * scale - m);
+                let e = if c * LANES + l <= i { e } else { 0.0 };
+                v[l] = e;
+                sum[l] += e;
+            }
+        }
+        let inv = 1.0 / sum.iter().sum::<f32>();
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
     }
 }
 
@@ -354,6 +477,22 @@ mod tests {
                 &causal_reference(&qkv, heads)?,
             )?;
             assert!(err < 1e-5, "{b}x{s}x{heads}x{d}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(rows, n) in &[(1, 1), (154, 768), (3, 19)] {
+            // An offset, so the mean matters.
+            let x = (Tensor::randn(0f32, 1.0, (2, rows, n), &dev)? + 3.0)?;
+            let w = Tensor::randn(0f32, 1.0, n, &dev)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+            let got = layer_norm(&x, &w, &b, 1e-5)?;
+            let want = candle_nn::ops::layer_norm_slow(&x, &w, &b, 1e-5)?;
+            let err = max_err(&got, &want)?;
+            assert!(err < 1e-4, "{rows}x{n}: {err}");
         }
         Ok(())
     }
