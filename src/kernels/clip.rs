@@ -103,34 +103,30 @@ impl LinearOp {
         dims.push(n);
         let w = &ws.0.as_slice::<f32>()?[ws.1.start_offset()..];
         let (w_n, w_k) = (ws.1.stride()[0] as isize, ws.1.stride()[1] as isize);
-        // dst starts as residual + bias; the GEMM accumulates onto it.
-        let mut out = match (residual, &self.bias) {
-            (Some((s, l)), _) => {
-                if l.shape().dims() != dims.as_slice() {
-                    candle_core::bail!("linear: residual {:?}, output {dims:?}", l.shape());
-                }
-                let mut out = f32_slice(s, l, "linear")?.to_vec();
-                if let Some(b) = &self.bias {
-                    out.par_chunks_mut(n.max(1))
-                        .for_each(|row| super::simd::add_assign(row, b));
-                }
-                out
+        let residual = match residual {
+            Some((_, l)) if l.shape().dims() != dims.as_slice() => {
+                candle_core::bail!("linear: residual {:?}, output {dims:?}", l.shape())
             }
-            (None, Some(b)) => b.repeat(m),
-            (None, None) => vec![0f32; m * n],
+            Some((s, l)) => Some(f32_slice(s, l, "linear")?),
+            None => None,
         };
+        let bias = self.bias.as_deref();
+        let gelu = self.epilogue == Epilogue::QuickGelu;
         // Column slices in whole multiples of the microkernel's 64 rows, about four per thread
-        // so that a thread the OS delays does not hold up the others.
+        // so that a thread the OS delays does not hold up the others. Each task writes its
+        // slice with the GEMM, then adds bias/residual and applies the activation while the
+        // slice is in cache: no serial initialisation pass over the output.
         let tasks = 4 * rayon::current_num_threads().max(1);
         let chunk = n.div_ceil(tasks).div_ceil(64).max(1) * 64;
-        let dst = SendPtr(out.as_mut_ptr());
-        let gelu = self.epilogue == Epilogue::QuickGelu;
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        let dst = SendPtr(out.spare_capacity_mut().as_mut_ptr().cast());
         (0..n.div_ceil(chunk)).into_par_iter().for_each(|p| {
             let n0 = p * chunk;
             let nn = chunk.min(n - n0);
             let dst = &dst;
-            // SAFETY: the slice's columns n0..n0+nn of the (m, n) output are written by this
-            // task only; `w` is read at n·w_n + k·w_k for n < out, k < in, inside its layout.
+            // SAFETY: the slice's columns n0..n0+nn of the (m, n) output buffer are written
+            // (all of them, by the GEMM, before anything reads them) by this task only; `w` is
+            // read at n·w_n + k·w_k for n < out, k < in, inside its layout.
             unsafe {
                 gemm::gemm(
                     m,
@@ -139,28 +135,34 @@ impl LinearOp {
                     dst.0.add(n0),
                     1,
                     n as isize,
-                    true,
+                    false,
                     x.as_ptr(),
                     1,
                     k as isize,
                     w.as_ptr().offset(n0 as isize * w_n),
                     w_n,
                     w_k,
-                    1.0,
+                    0.0,
                     1.0,
                     false,
                     false,
                     false,
                     gemm::Parallelism::None,
                 );
-                if gelu {
-                    for r in 0..m {
-                        let row = std::slice::from_raw_parts_mut(dst.0.add(r * n + n0), nn);
-                        quick_gelu_slice(row);
-                    }
+                for r in 0..m {
+                    let cols = r * n + n0..r * n + n0 + nn;
+                    let row = std::slice::from_raw_parts_mut(dst.0.add(cols.start), nn);
+                    epilogue_row(
+                        row,
+                        bias.map(|b| &b[n0..n0 + nn]),
+                        gelu,
+                        residual.map(|res| &res[cols]),
+                    );
                 }
             }
         });
+        // SAFETY: every task above wrote its columns of all m rows: all m·n values are set.
+        unsafe { out.set_len(m * n) };
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
@@ -441,6 +443,25 @@ super::simd::dispatch! {
         let inv = 1.0 / sum.iter().sum::<f32>();
         for v in row.iter_mut() {
             *v *= inv;
+        }
+    }
+}
+
+super::simd::dispatch! {
+    /// row = act(row + bias) + residual, the linear's epilogue.
+    fn epilogue_row(row: &mut [f32], bias: Option<&[f32]>, gelu: bool, residual: Option<&[f32]>) {
+        if let Some(b) = bias {
+            for (y, &b) in row.iter_mut().zip(b) {
+                *y += b;
+            }
+        }
+        if gelu {
+            quick_gelu_slice(row);
+        }
+        if let Some(r) = residual {
+            for (y, &r) in row.iter_mut().zip(r) {
+                *y += r;
+            }
         }
     }
 }
