@@ -262,8 +262,15 @@ impl Pipeline {
         )?;
         let what =
             |c: &str, p: &std::path::Path| format!("cannot load the {c} from {}", p.display());
+        // bf16 on the CPU keeps the text encoder in f32: it runs once per prompt (0.1 s) on
+        // easel's f32 CLIP kernels, and one-image runs free it before the denoising loop.
+        let text_dtype = if device.is_cpu() && dtype == DType::BF16 {
+            DType::F32
+        } else {
+            dtype
+        };
         let text_encoder = ClipTextModel::new(
-            open_safetensors(&files.text_encoder_weights, dtype, device)?,
+            open_safetensors(&files.text_encoder_weights, text_dtype, device)?,
             &text_config,
         )
         .with_context(|| what("text encoder", &files.text_encoder_weights))?;

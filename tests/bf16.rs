@@ -66,7 +66,8 @@ fn bf16_pipeline_stays_close_to_f32() {
              VAE {vae:.2e}; 4-step image max {max} levels, mean {mean:.3}"
         );
         assert_eq!(a[0].metadata.dtype, "bf16");
-        assert!(text < 1e-2, "{name}: text embeddings differ by {text}");
+        // The text encoder stays f32 in bf16 mode on the CPU.
+        assert_eq!(text, 0.0, "{name}: text embeddings differ by {text}");
         assert!(unet < 3e-2, "{name}: UNet output differs by {unet}");
         assert!(vae < 2e-2, "{name}: VAE output differs by {vae}");
         assert!(max <= 4 && mean < 0.5, "{name}: image {max} / {mean}");

@@ -4,6 +4,7 @@
 pub mod act;
 pub mod attention;
 pub mod bf16;
+pub mod clip;
 pub mod conv;
 pub mod linear;
 pub mod norm;

@@ -48,6 +48,7 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
 dispatch! {
     /// `exp(scale·x − max)` of one row in place; returns the row's sum (the softmax's
