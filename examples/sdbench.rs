@@ -5,7 +5,7 @@
 //! of `unet`, `vae`, `text`, `e2e` (load + encode + one UNet step + decode). Prints one JSON line.
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use easel::pipeline::Pipeline;
+use easel::pipeline::{GenerationRequest, Pipeline};
 use easel::weights::ModelSpec;
 use std::time::Instant;
 
@@ -98,18 +98,14 @@ fn main() -> Result<()> {
             )?;
             Ok(())
         })?,
+        // What the CLI does for one image: encode, one UNet step (batch 2), decode, through
+        // the public `generate` (which frees each model once used when iters = 1).
         "e2e" => run(&mut || {
-            let emb = p.encode_prompt(
-                "a photograph of an astronaut riding a horse",
-                "",
-                7.5,
-                &mut |_| {},
-            )?;
-            let x = latents.narrow(0, 0, 1)?;
-            let out = p
-                .unet()?
-                .forward(&Tensor::cat(&[&x, &x], 0)?, 500.0, &emb)?;
-            p.decode(&out.narrow(0, 0, 1)?)?;
+            let mut req = GenerationRequest::new("a photograph of an astronaut riding a horse", &p);
+            req.steps = 1;
+            req.width = size;
+            req.height = size;
+            p.generate(&req, &mut |_| {})?;
             Ok(())
         })?,
         m => bail!("unknown mode {m}"),
