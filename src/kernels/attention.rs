@@ -262,11 +262,7 @@ mod tests {
             let scale = 1.0 / (d as f64).sqrt();
             let got = attention(&q, &k, &v, scale)?;
             let want = reference(&q, &k, &v, scale)?;
-            let err = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let err = crate::kernels::max_abs_diff(&got, &want)?;
             assert!(err < 1e-5, "{b}x{lq}x{lk}x{d}x{dv}: {err}");
         }
         Ok(())

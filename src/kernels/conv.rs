@@ -383,11 +383,7 @@ mod tests {
                 .conv2d(&wt, p, 1, 1, 1)?
                 .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
             assert_eq!(got.dims(), want.dims());
-            let err = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let err = crate::kernels::max_abs_diff(&got, &want)?;
             assert!(err < 1e-4, "{n}x{cin}x{cout}x{h}x{w} k{k} p{p}: {err}");
         }
         Ok(())
@@ -429,11 +425,7 @@ mod tests {
                     .conv2d(&round(&wt)?, p, 1, 1, 1)?
                     .broadcast_add(&round(&bias)?.reshape((1, cout, 1, 1))?)?;
                 assert_eq!(got.dims(), want.dims());
-                let err = (got - want)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
+                let err = crate::kernels::max_abs_diff(&got, &want)?;
                 assert!(
                     err < 1e-4,
                     "{path:?} {n}x{cin}x{cout}x{h}x{w} k{k} p{p}: {err}"

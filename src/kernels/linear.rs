@@ -166,11 +166,7 @@ mod tests {
                 let got = l.forward(&x)?;
                 let want = reference.forward(if path == Path::Dot { &xr } else { &x })?;
                 assert_eq!(got.dims(), want.dims());
-                let err = (got - want)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
+                let err = crate::kernels::max_abs_diff(&got, &want)?;
                 assert!(err < 1e-4, "{path:?} {rows}x{k}x{n}: {err}");
             }
         }

@@ -44,3 +44,13 @@ pub fn return_freed_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// Largest |a − b| over two same-shaped tensors (the kernels' tests compare with candle's ops).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> candle_core::Result<f32> {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}

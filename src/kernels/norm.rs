@@ -168,18 +168,10 @@ mod tests {
                 eps: 1e-6,
             };
             let want = gn.reference(&x)?;
-            let err = (gn.forward(&x)? - &want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let err = crate::kernels::max_abs_diff(&gn.forward(&x)?, &want)?;
             assert!(err < 1e-4, "{n}x{c}x{h}x{w}/{g}: {err}");
             let want = nn::ops::silu(&want)?;
-            let err = (gn.forward_silu(&x)? - &want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let err = crate::kernels::max_abs_diff(&gn.forward_silu(&x)?, &want)?;
             assert!(err < 1e-4, "silu {n}x{c}x{h}x{w}/{g}: {err}");
         }
         Ok(())
