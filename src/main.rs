@@ -145,7 +145,8 @@ struct Cli {
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
 
-    /// auto (f16 on GPU, f32 on CPU), f32, f16, bf16.
+    /// auto (f16 on GPU, f32 on CPU), f32, f16, bf16. bf16 on the CPU keeps the weights in bf16
+    /// (half the memory) and the activations in f32.
     #[arg(long, default_value = "auto")]
     dtype: DTypeChoice,
 
@@ -357,8 +358,13 @@ fn run(cli: Cli) -> Result<Outcome> {
     let dtype = select_dtype(cli.dtype, &device)?;
     let model = model.unwrap_or_else(|| DEFAULT_MODEL.to_string());
     let t0 = Instant::now();
+    let precision = if device.is_cpu() && dtype == candle_core::DType::BF16 {
+        "bf16 weights, f32 activations"
+    } else {
+        easel::device::dtype_name(dtype)
+    };
     status(&format!(
-        "loading {model} on {} ({dtype:?})",
+        "loading {model} on {} ({precision})",
         device_name(&device)
     ));
     let spec = ModelSpec {
