@@ -58,11 +58,12 @@ fn main() -> Result<()> {
         prefer_fp16: false,
     }
     .resolve()?;
-    let mut p = Pipeline::load(&files, &dev, dtype)?;
-    if mode == "e2e" && iters == 1 {
-        // One image, as the CLI makes it: each model is freed once its work is done.
-        p.release_models_after_use();
-    }
+    let p = if mode == "e2e" && iters == 1 {
+        // One image, as the CLI makes it: each model is loaded when needed, freed when done.
+        Pipeline::load_for_one_image(&files, &dev, dtype)?
+    } else {
+        Pipeline::load(&files, &dev, dtype)?
+    };
     let load_s = t0.elapsed().as_secs_f64();
     let lat = size / 8;
     let latents =

@@ -373,17 +373,18 @@ fn run(cli: Cli) -> Result<Outcome> {
         prefer_fp16: dtype == candle_core::DType::F16,
     };
     let files = spec.resolve()?;
-    let mut pipeline = Pipeline::load(&files, &device, dtype)?;
     let to_make = plan
         .ready()
         .flat_map(|i| &i.images)
         .filter(|i| !i.skip)
         .count();
-    if to_make == 1 {
-        // One image: free each model once it is done (text encoder before the UNet's peak,
-        // UNet before the VAE's); batches need them for every item.
-        pipeline.release_models_after_use();
-    }
+    // One image: each model is in memory only while it works (the UNet and VAE load when
+    // first needed, each is freed once done); batches keep them for every item.
+    let pipeline = if to_make == 1 {
+        Pipeline::load_for_one_image(&files, &device, dtype)?
+    } else {
+        Pipeline::load(&files, &device, dtype)?
+    };
     status(&format!("loaded in {:.1}s", t0.elapsed().as_secs_f64()));
 
     // First Ctrl-C: drop the image in flight, keep finished ones, stop. Second: quit now.
@@ -533,10 +534,14 @@ fn run_item(
                 bar.set_message("");
             }
             Progress::Step { step, total } => {
+                if step == 1 {
+                    bar.set_message("");
+                }
                 bar.set_length(total as u64);
                 bar.set_position(step as u64);
             }
             Progress::Decoding => bar.set_message("decoding"),
+            Progress::Loading(what) => bar.set_message(format!("loading the {what}")),
         };
         pipeline.generate_each_cancellable(&req, cancel, &mut progress, &mut |img| {
             write_png(&image.path, &img, cli.overwrite)?;

@@ -158,6 +158,9 @@ pub enum Progress {
         total: usize,
     },
     Decoding,
+    /// Loading a model that a one-image run loads only when it is needed (the "UNet"; the
+    /// VAE's short load is part of `Decoding`).
+    Loading(&'static str),
 }
 
 /// What produced an image: written into the PNG and reported to scripts.
@@ -188,29 +191,95 @@ pub struct GeneratedImage {
     pub seconds: f64,
 }
 
-/// A borrowed UNet (see [`Pipeline::unet`]).
-pub struct UNetRef<'a>(std::sync::MutexGuard<'a, Option<UNet2DConditionModel>>);
+/// A model the pipeline holds: loaded by [`Pipeline::load`], or — for a one-image run
+/// ([`Pipeline::load_for_one_image`]) — when first needed; released once used in one-image runs.
+struct Slot<T> {
+    state: Mutex<SlotState<T>>,
+    /// Said when the model is asked for after it was released.
+    released: &'static str,
+}
 
-impl std::ops::Deref for UNetRef<'_> {
-    type Target = UNet2DConditionModel;
-    fn deref(&self) -> &UNet2DConditionModel {
-        // Constructed only around `Some` (checked in `Pipeline::unet`).
-        self.0.as_ref().expect("UNetRef holds a UNet")
+type Loader<T> = Box<dyn FnOnce() -> Result<T> + Send>;
+
+enum SlotState<T> {
+    Ready(T),
+    Pending(Loader<T>),
+    Released,
+}
+
+impl<T> Slot<T> {
+    fn new(state: SlotState<T>, released: &'static str) -> Self {
+        Self {
+            state: Mutex::new(state),
+            released,
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, SlotState<T>>> {
+        self.state
+            .lock()
+            .map_err(|_| anyhow::anyhow!("model lock poisoned"))
+    }
+
+    fn is_pending(&self) -> bool {
+        self.lock()
+            .is_ok_and(|g| matches!(*g, SlotState::Pending(_)))
+    }
+
+    /// The model, loading it first if it is pending.
+    fn get(&self) -> Result<ModelRef<'_, T>> {
+        let mut guard = self.lock()?;
+        if matches!(*guard, SlotState::Pending(_)) {
+            if let SlotState::Pending(load) = std::mem::replace(&mut *guard, SlotState::Released) {
+                *guard = SlotState::Ready(load()?);
+            }
+        }
+        match *guard {
+            SlotState::Ready(_) => Ok(ModelRef(guard)),
+            _ => bail!("{}", self.released),
+        }
+    }
+
+    /// Frees the model and hands its pages back to the OS.
+    fn release(&self) {
+        if let Ok(mut guard) = self.lock() {
+            *guard = SlotState::Released;
+        }
+        crate::kernels::return_freed_memory();
     }
 }
+
+/// A borrowed model (see [`Pipeline::unet`]); holds the pipeline's lock on it.
+pub struct ModelRef<'a, T>(std::sync::MutexGuard<'a, SlotState<T>>);
+
+impl<T> std::ops::Deref for ModelRef<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match &*self.0 {
+            SlotState::Ready(model) => model,
+            // Constructed only around `Ready` (checked in `Slot::get`).
+            _ => unreachable!("ModelRef holds a loaded model"),
+        }
+    }
+}
+
+/// The UNet, borrowed from the pipeline.
+pub type UNetRef<'a> = ModelRef<'a, UNet2DConditionModel>;
 
 /// A loaded model, ready to generate many images.
 pub struct Pipeline {
     pub device: Device,
     pub dtype: DType,
     tokenizer: ClipTokenizer,
-    /// `None` once released: a one-image run frees the encoder's ~0.5 GB (SD 1.x, f32)
-    /// before the denoising loop's peak...
-    text_encoder: Mutex<Option<ClipTextModel>>,
-    /// ...and the UNet's 3.4 GB before the VAE decode's.
-    unet: Mutex<Option<UNet2DConditionModel>>,
+    /// A one-image run frees the encoder's ~0.5 GB (SD 1.x, f32) before the denoising
+    /// loop's peak...
+    text_encoder: Slot<ClipTextModel>,
+    /// ...loads the UNet only then and frees its 3.4 GB before the VAE decode...
+    unet: Slot<UNet2DConditionModel>,
+    /// ...and loads the VAE only for the decode, so no two models are resident at once
+    /// beyond the text encoder meeting the UNet.
+    vae: Slot<AutoEncoderKL>,
     single_use: bool,
-    vae: AutoEncoderKL,
     unet_config: UNetConfig,
     vae_config: VaeConfig,
     scheduler_config: SchedulerConfig,
@@ -221,6 +290,23 @@ pub struct Pipeline {
 impl Pipeline {
     /// Reads the configs, checks them, and loads the weights onto `device` as `dtype`.
     pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(files, device, dtype, false)
+    }
+
+    /// For a run that makes one image (a single prompt, `--from-png`): the text encoder is
+    /// loaded now and freed once the prompt is encoded, the UNet is loaded for the denoising
+    /// loop and freed after it, the VAE is loaded for the decode. Peak memory is then the
+    /// largest single stage rather than all three models at once. A second image is an error.
+    pub fn load_for_one_image(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(files, device, dtype, true)
+    }
+
+    fn load_with(
+        files: &ModelFiles,
+        device: &Device,
+        dtype: DType,
+        one_image: bool,
+    ) -> Result<Self> {
         if device.is_cpu() {
             crate::kernels::tune_allocator();
         }
@@ -260,8 +346,9 @@ impl Pipeline {
             &files.tokenizer_dir,
             text_config.max_position_embeddings.min(77),
         )?;
-        let what =
-            |c: &str, p: &std::path::Path| format!("cannot load the {c} from {}", p.display());
+        fn what(c: &str, p: &std::path::Path) -> String {
+            format!("cannot load the {c} from {}", p.display())
+        }
         // bf16 on the CPU keeps the text encoder in f32: it runs once per prompt (0.1 s) on
         // easel's f32 CLIP kernels, and one-image runs free it before the denoising loop.
         let text_dtype = if device.is_cpu() && dtype == DType::BF16 {
@@ -274,30 +361,43 @@ impl Pipeline {
             &text_config,
         )
         .with_context(|| what("text encoder", &files.text_encoder_weights))?;
-        let unet = UNet2DConditionModel::new(
-            open_safetensors(&files.unet_weights, dtype, device)?,
-            unet_config.in_channels,
-            unet_config.out_channels,
-            // Flash attention is a CUDA f16/bf16 kernel; everywhere else the plain path runs.
-            cfg!(feature = "flash-attn") && device.is_cuda() && dtype != DType::F32,
-            unet_cfg,
-        )
-        .with_context(|| what("UNet", &files.unet_weights))?;
-        let vae = AutoEncoderKL::new(
-            open_safetensors(&files.vae_weights, dtype, device)?,
-            vae_config.in_channels,
-            vae_config.out_channels,
-            vae_cfg,
-        )
-        .with_context(|| what("VAE", &files.vae_weights))?;
+        // The weight files are opened (headers checked) now; their tensors are read now or,
+        // for a one-image run, when the model is first needed.
+        let unet_vb = open_safetensors(&files.unet_weights, dtype, device)?;
+        let unet_path = files.unet_weights.clone();
+        let (unet_in, unet_out) = (unet_config.in_channels, unet_config.out_channels);
+        // Flash attention is a CUDA f16/bf16 kernel; everywhere else the plain path runs.
+        let flash = cfg!(feature = "flash-attn") && device.is_cuda() && dtype != DType::F32;
+        let load_unet: Loader<UNet2DConditionModel> = Box::new(move || {
+            UNet2DConditionModel::new(unet_vb, unet_in, unet_out, flash, unet_cfg)
+                .with_context(|| what("UNet", &unet_path))
+        });
+        let vae_vb = open_safetensors(&files.vae_weights, dtype, device)?;
+        let vae_path = files.vae_weights.clone();
+        let (vae_in, vae_out) = (vae_config.in_channels, vae_config.out_channels);
+        let load_vae: Loader<AutoEncoderKL> = Box::new(move || {
+            AutoEncoderKL::new(vae_vb, vae_in, vae_out, vae_cfg)
+                .with_context(|| what("VAE", &vae_path))
+        });
+        let (unet, vae) = if one_image {
+            (SlotState::Pending(load_unet), SlotState::Pending(load_vae))
+        } else {
+            (
+                SlotState::Ready(load_unet()?),
+                SlotState::Ready(load_vae()?),
+            )
+        };
         Ok(Self {
             device: device.clone(),
             dtype,
             tokenizer,
-            text_encoder: Mutex::new(Some(text_encoder)),
-            unet: Mutex::new(Some(unet)),
-            single_use: false,
-            vae,
+            text_encoder: Slot::new(
+                SlotState::Ready(text_encoder),
+                "the text encoder was released after encoding the run's prompt",
+            ),
+            unet: Slot::new(unet, "the UNet was released after the run's denoising loop"),
+            vae: Slot::new(vae, "the VAE was released"),
+            single_use: one_image,
             unet_config,
             vae_config,
             scheduler_config,
@@ -346,39 +446,25 @@ impl Pipeline {
     }
 
     /// Frees each model as soon as the run no longer needs it: the text encoder after the
-    /// prompt is encoded, the UNet after the denoising loop. For runs that make one image
-    /// (a single prompt, `--from-png`), where this lowers peak memory by the UNet's size;
-    /// a second image is then an error.
+    /// prompt is encoded, the UNet after the denoising loop (for a pipeline made by
+    /// [`Pipeline::load`]; [`Pipeline::load_for_one_image`] also defers the loading). A second
+    /// image is then an error.
     pub fn release_models_after_use(&mut self) {
         self.single_use = true;
     }
 
     fn with_text_encoder<T>(&self, f: impl FnOnce(&ClipTextModel) -> Result<T>) -> Result<T> {
-        let mut guard = self
-            .text_encoder
-            .lock()
-            .map_err(|_| anyhow::anyhow!("text encoder lock poisoned"))?;
-        let out = match guard.as_ref() {
-            Some(te) => f(te)?,
-            None => bail!("the text encoder was released after encoding the run's prompt"),
-        };
+        let out = f(&*self.text_encoder.get()?)?;
         if self.single_use {
-            *guard = None;
-            crate::kernels::return_freed_memory();
+            self.text_encoder.release();
         }
         Ok(out)
     }
 
-    /// The UNet (for benchmarks and tests), unless it was released.
+    /// The UNet (for benchmarks and tests), loading it if it is pending; an error once it was
+    /// released.
     pub fn unet(&self) -> Result<UNetRef<'_>> {
-        let guard = self
-            .unet
-            .lock()
-            .map_err(|_| anyhow::anyhow!("UNet lock poisoned"))?;
-        if guard.is_none() {
-            bail!("the UNet was released after the run's denoising loop");
-        }
-        Ok(UNetRef(guard))
+        self.unet.get()
     }
 
     /// Checks a request before any work is done, so bad input fails in milliseconds.
@@ -498,7 +584,7 @@ impl Pipeline {
         on_step: &mut dyn FnMut(usize, usize, &Tensor),
     ) -> Result<Tensor> {
         let cfg = embeddings.dim(0)? == 2;
-        let mut unet = self.unet()?;
+        let unet = self.unet()?;
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
@@ -520,9 +606,9 @@ impl Pipeline {
             latents = scheduler.step(&out, t, &latents, noise)?;
             on_step(i + 1, total, &latents);
         }
+        drop(unet);
         if self.single_use {
-            unet.0.take();
-            crate::kernels::return_freed_memory();
+            self.unet.release();
         }
         Ok(latents)
     }
@@ -530,7 +616,7 @@ impl Pipeline {
     /// VAE decode of final latents → images in [0, 1], (batch, 3, H, W) f32.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let x = (latents / self.vae_config.scaling_factor)?;
-        let img = self.vae.decode(&x)?.to_dtype(DType::F32)?;
+        let img = self.vae.get()?.decode(&x)?.to_dtype(DType::F32)?;
         Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 
@@ -590,6 +676,9 @@ impl Pipeline {
                 &mut rng,
                 scheduler.init_noise_sigma(),
             )?;
+            if self.unet.is_pending() {
+                progress(Progress::Loading("UNet"));
+            }
             let latents = self.denoise_cancellable(
                 &embeddings,
                 latents,

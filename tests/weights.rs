@@ -118,3 +118,50 @@ fn released_models_serve_one_image_then_say_so() {
         q.generate(&req, &mut |_| {}).unwrap().remove(0).rgb
     );
 }
+
+#[test]
+fn one_image_pipeline_loads_late_and_makes_the_same_image() {
+    use candle_core::{DType, Device};
+    let files = spec(&common::model_dir("tiny-b"), false).resolve().unwrap();
+    let p =
+        easel::pipeline::Pipeline::load_for_one_image(&files, &Device::Cpu, DType::F32).unwrap();
+    let mut req = easel::pipeline::GenerationRequest::new("a cat", &p);
+    req.steps = 2;
+    let mut events = Vec::new();
+    let first = p
+        .generate(&req, &mut |e| events.push(format!("{e:?}")))
+        .unwrap()
+        .remove(0);
+    let loading = events.iter().position(|e| e.contains("Loading(\"UNet\")"));
+    let step = events.iter().position(|e| e.contains("Step"));
+    assert!(loading.is_some() && loading < step, "{events:?}");
+    let err = p.generate(&req, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("text encoder was released"), "{err}");
+    let unet_err = p.unet().err().expect("the UNet is released").to_string();
+    assert!(unet_err.contains("UNet was released"), "{unet_err}");
+    let eager = common::load_pipeline("tiny-b");
+    assert_eq!(
+        first.rgb,
+        eager.generate(&req, &mut |_| {}).unwrap().remove(0).rgb
+    );
+}
+
+#[test]
+fn one_image_pipeline_reports_a_broken_unet_when_it_loads_it() {
+    use candle_core::{DType, Device};
+    let dir = tempfile::tempdir().unwrap();
+    copy_tiny(dir.path());
+    // A valid safetensors file that lacks the UNet's tensors: the header reads, the load fails.
+    let unet = dir.path().join("unet/diffusion_pytorch_model.safetensors");
+    std::fs::copy(
+        dir.path().join("vae/diffusion_pytorch_model.safetensors"),
+        &unet,
+    )
+    .unwrap();
+    let files = spec(dir.path(), false).resolve().unwrap();
+    let p =
+        easel::pipeline::Pipeline::load_for_one_image(&files, &Device::Cpu, DType::F32).unwrap();
+    let req = easel::pipeline::GenerationRequest::new("a cat", &p);
+    let err = format!("{:#}", p.generate(&req, &mut |_| {}).unwrap_err());
+    assert!(err.contains("cannot load the UNet"), "{err}");
+}
