@@ -276,8 +276,7 @@ pub struct Pipeline {
     text_encoder: Slot<ClipTextModel>,
     /// ...loads the UNet only then and frees its 3.4 GB before the VAE decode...
     unet: Slot<UNet2DConditionModel>,
-    /// ...and loads the VAE only for the decode, so no two models are resident at once
-    /// beyond the text encoder meeting the UNet.
+    /// ...and loads the VAE only for the decode, so no two models are resident at once.
     vae: Slot<AutoEncoderKL>,
     single_use: bool,
     unet_config: UNetConfig,
