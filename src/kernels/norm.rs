@@ -4,11 +4,14 @@ use super::simd::{affine_act, sum_and_sq};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use candle_nn as nn;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
+    /// The affine parameters as f32, read once here rather than on every call (CPU only).
+    cpu_params: Option<Arc<(Vec<f32>, Vec<f32>)>>,
     num_groups: usize,
     eps: f64,
 }
@@ -27,15 +30,27 @@ pub fn group_norm(
     }
     let weight = vs.get_with_hints(num_channels, "weight", nn::Init::Const(1.))?;
     let bias = vs.get_with_hints(num_channels, "bias", nn::Init::Const(0.))?;
-    Ok(GroupNorm {
-        weight,
-        bias,
-        num_groups,
-        eps,
-    })
+    GroupNorm::from_tensors(weight, bias, num_groups, eps)
 }
 
 impl GroupNorm {
+    fn from_tensors(weight: Tensor, bias: Tensor, num_groups: usize, eps: f64) -> Result<Self> {
+        let cpu_params = if weight.device().is_cpu() {
+            let w = weight.to_dtype(DType::F32)?.to_vec1()?;
+            let b = bias.to_dtype(DType::F32)?.to_vec1()?;
+            Some(Arc::new((w, b)))
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            cpu_params,
+            num_groups,
+            eps,
+        })
+    }
+
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.run(xs, false)
     }
@@ -46,10 +61,10 @@ impl GroupNorm {
     }
 
     fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
-        if xs.device().is_cpu() && xs.dtype() == DType::F32 && xs.rank() >= 2 {
+        let params = self.cpu_params.as_ref();
+        if let (Some(params), true) = (params, xs.dtype() == DType::F32 && xs.rank() >= 2) {
             let op = GroupNormOp {
-                weight: self.weight.to_dtype(DType::F32)?.to_vec1()?,
-                bias: self.bias.to_dtype(DType::F32)?.to_vec1()?,
+                params: params.clone(),
                 num_groups: self.num_groups,
                 eps: self.eps,
                 silu,
@@ -66,12 +81,12 @@ impl GroupNorm {
 
     /// Random affine parameters (tests and benches).
     pub fn test_new(channels: usize, num_groups: usize, dev: &candle_core::Device) -> Result<Self> {
-        Ok(Self {
-            weight: Tensor::randn(0f32, 1.0, channels, dev)?,
-            bias: Tensor::randn(0f32, 1.0, channels, dev)?,
+        Self::from_tensors(
+            Tensor::randn(0f32, 1.0, channels, dev)?,
+            Tensor::randn(0f32, 1.0, channels, dev)?,
             num_groups,
-            eps: 1e-6,
-        })
+            1e-6,
+        )
     }
 
     /// candle-nn's GroupNorm (the test oracle and the non-f32 path).
@@ -90,8 +105,8 @@ impl GroupNorm {
 use candle_core::Module;
 
 struct GroupNormOp {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
+    /// (weight, bias).
+    params: Arc<(Vec<f32>, Vec<f32>)>,
     num_groups: usize,
     eps: f64,
     silu: bool,
@@ -110,8 +125,9 @@ impl CustomOp1 for GroupNormOp {
             Some((a, b)) => &s.as_slice::<f32>()?[a..b],
             None => candle_core::bail!("group norm: non-contiguous input"),
         };
-        if c != self.weight.len() {
-            candle_core::bail!("group norm: {c} channels, weight has {}", self.weight.len());
+        let (weight, bias) = (&self.params.0, &self.params.1);
+        if c != weight.len() {
+            candle_core::bail!("group norm: {c} channels, weight has {}", weight.len());
         }
         let g = self.num_groups;
         let cg = c / g;
@@ -130,8 +146,8 @@ impl CustomOp1 for GroupNormOp {
                 let inv = (1.0 / (var + self.eps).sqrt()) as f32;
                 for j in 0..cg {
                     let ch = gi * cg + j;
-                    let a = inv * self.weight[ch];
-                    let b = self.bias[ch] - mean * a;
+                    let a = inv * weight[ch];
+                    let b = bias[ch] - mean * a;
                     affine_act(
                         &mut dst[j * hw..(j + 1) * hw],
                         &src[j * hw..(j + 1) * hw],
@@ -161,12 +177,7 @@ mod tests {
             (1, 64, 17, 13, 32),
         ] {
             let x = (Tensor::randn(0f32, 3.0, (n, c, h, w), &dev)? + 5.0)?;
-            let gn = GroupNorm {
-                weight: Tensor::randn(0f32, 1.0, c, &dev)?,
-                bias: Tensor::randn(0f32, 1.0, c, &dev)?,
-                num_groups: g,
-                eps: 1e-6,
-            };
+            let gn = GroupNorm::test_new(c, g, &dev)?;
             let want = gn.reference(&x)?;
             let err = crate::kernels::max_abs_diff(&gn.forward(&x)?, &want)?;
             assert!(err < 1e-4, "{n}x{c}x{h}x{w}/{g}: {err}");
