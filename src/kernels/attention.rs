@@ -7,6 +7,7 @@ use super::simd::{exp_row, softmax_row};
 #[cfg(target_arch = "x86_64")]
 use super::tiled::x86::F32Fma;
 use super::tiled::{self, Dims};
+use super::{f32_slice, SendPtr};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -46,18 +47,6 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     let xs = candle_nn::ops::softmax_last_dim(&xs)?;
     xs.matmul(&v)?.to_dtype(in_dtype)
 }
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let all = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("sdpa: non-contiguous input"),
-    }
-}
-
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 impl Sdpa {
     /// The AVX-512 path: both products run on [`tiled`]'s f32 tile, reading `Kᵀ` and `V` in
@@ -167,7 +156,11 @@ impl CustomOp3 for Sdpa {
                 l3.shape()
             );
         }
-        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let (q, k, v) = (
+            f32_slice(s1, l1, "sdpa")?,
+            f32_slice(s2, l2, "sdpa")?,
+            f32_slice(s3, l3, "sdpa")?,
+        );
         if tiled::f32_native() {
             let out = self.tiled(q, k, v, (b, lq, lk, d, dv));
             return Ok((CpuStorage::F32(out), Shape::from((b, lq, dv))));
@@ -190,50 +183,34 @@ impl CustomOp3 for Sdpa {
                 // SAFETY: every pointer/stride pair addresses memory inside the slices above;
                 // each task writes a disjoint block of rows of `out`.
                 unsafe {
-                    gemm::gemm(
+                    super::matmul(
                         rows,
                         lk,
                         d,
                         scores.as_mut_ptr(),
-                        1,
-                        lk as isize,
+                        lk,
                         false,
                         qp,
-                        1,
-                        d as isize,
+                        (d as isize, 1),
                         kp,
-                        d as isize,
-                        1,
-                        0.0,
-                        1.0,
+                        (1, d as isize),
                         false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                     for r in 0..rows {
                         softmax_row(&mut scores[r * lk..(r + 1) * lk], scale);
                     }
-                    gemm::gemm(
+                    super::matmul(
                         rows,
                         dv,
                         lk,
                         dst.0.add((bi * lq + r0) * dv),
-                        1,
-                        dv as isize,
+                        dv,
                         false,
                         scores.as_ptr(),
-                        1,
-                        lk as isize,
+                        (lk as isize, 1),
                         vp,
-                        1,
-                        dv as isize,
-                        0.0,
-                        1.0,
+                        (dv as isize, 1),
                         false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             },

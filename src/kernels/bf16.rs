@@ -195,26 +195,18 @@ unsafe fn fallback(d: Dims, parts: &[(usize, usize)], a: &[u32], b: &[u32], c: *
                 bf[(2 * p + 1) * d.n + j] = from_bf16((v >> 16) as u16);
             }
         }
-        gemm::gemm(
+        super::matmul(
             d.m,
             d.n,
             k,
             c,
-            1,
-            d.ldc as isize,
+            d.ldc,
             true,
             af.as_ptr(),
-            1,
-            k as isize,
+            (k as isize, 1),
             bf.as_ptr(),
-            1,
-            d.n as isize,
-            1.0,
-            1.0,
+            (d.n as isize, 1),
             false,
-            false,
-            false,
-            gemm::Parallelism::None,
         );
     }
 }

@@ -3,22 +3,11 @@
 //! per-head reshapes, transposes or mask tensor), and layer norm. All spread over rayon; other
 //! dtypes/devices fall back to plain candle ops.
 use super::simd::exp_f32;
+use super::{f32_slice, SendPtr};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 use rayon::prelude::*;
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("{op}: non-contiguous input"),
-    }
-}
-
-/// An output buffer shared by tasks that write disjoint parts of it.
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// What [`linear`] does to the product besides adding the bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,26 +119,18 @@ impl LinearOp {
             // (all of them, by the GEMM, before anything reads them) by this task only; `w` is
             // read at n·w_n + k·w_k for n < out, k < in, inside its layout.
             unsafe {
-                gemm::gemm(
+                super::matmul(
                     m,
                     nn,
                     k,
                     dst.0.add(n0),
-                    1,
-                    n as isize,
+                    n,
                     false,
                     x.as_ptr(),
-                    1,
-                    k as isize,
+                    (k as isize, 1),
                     w.as_ptr().offset(n0 as isize * w_n),
-                    w_n,
-                    w_k,
-                    0.0,
-                    1.0,
+                    (w_k, w_n),
                     false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
                 for r in 0..m {
                     let cols = r * n + n0..r * n + n0 + nn;
@@ -363,26 +344,18 @@ impl CustomOp1 for CausalAttention {
                 // `base + 2h + (s-1)·h3 + d ≤ len`); each task writes its own head's columns of
                 // `out`, rows `h` apart.
                 unsafe {
-                    gemm::gemm(
+                    super::matmul(
                         s,
                         s,
                         d,
                         scores.as_mut_ptr(),
-                        1,
-                        sp as isize,
+                        sp,
                         false,
                         q.as_ptr(),
-                        1,
-                        h3 as isize,
+                        (h3 as isize, 1),
                         k.as_ptr(),
-                        h3 as isize,
-                        1,
-                        0.0,
-                        1.0,
+                        (1, h3 as isize),
                         false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
                 // Row i attends to keys 0..=i.
@@ -391,26 +364,18 @@ impl CustomOp1 for CausalAttention {
                 }
                 // SAFETY: as above; `scores` holds s rows of sp ≥ s values.
                 unsafe {
-                    gemm::gemm(
+                    super::matmul(
                         s,
                         d,
                         s,
                         dst.0.add(bi * s * h + hi * d),
-                        1,
-                        h as isize,
+                        h,
                         false,
                         scores.as_ptr(),
-                        1,
-                        sp as isize,
+                        (sp as isize, 1),
                         v.as_ptr(),
-                        1,
-                        h3 as isize,
-                        0.0,
-                        1.0,
+                        (h3 as isize, 1),
                         false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             },

@@ -91,14 +91,6 @@ pub fn conv2d_fast(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize) -
     x.contiguous()?.apply_op1_no_bwd(&TapsOp(Arc::new(packed)))
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let all = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("conv: non-contiguous input"),
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Form {
     F32,
@@ -316,7 +308,7 @@ impl CustomOp1 for TapsOp {
             cs: n * hp * wp + kw,
             grid: (n * hp - kh + 1) * wp,
         };
-        let x = slice(s, l)?;
+        let x = super::f32_slice(s, l, "conv")?;
         let plane = h * wd;
         // Channel `c` of image `i`, row `y`: its place on the canvas row.
         let src = |i: usize, c: usize, y: usize| {

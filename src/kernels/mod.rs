@@ -12,6 +12,77 @@ pub mod simd;
 pub mod tiled;
 
 pub use attention::attention;
+
+use candle_core::{CpuStorage, Layout};
+
+/// A custom op's contiguous f32 input (`op` names it in the error).
+pub(crate) fn f32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("{op}: non-contiguous input"),
+    }
+}
+
+/// An output buffer shared by rayon tasks that write disjoint parts of it.
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: users only write disjoint ranges from different tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `C = A·B` (m×k · k×n), or `C += A·B` with `accumulate`, on gemm's f32 kernel — the one place
+/// easel calls it. `C` is row-major with row stride `ldc`; `A` and `B` are (pointer, (row
+/// stride, column stride)), so transposed views cost nothing. `parallel` spreads the product
+/// over the rayon pool (off inside rayon tasks).
+///
+/// # Safety
+/// Every element addressed lies inside its allocation, and nothing else accesses `C` meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    a: *const f32,
+    (a_rs, a_cs): (isize, isize),
+    b: *const f32,
+    (b_rs, b_cs): (isize, isize),
+    parallel: bool,
+) {
+    let threads = rayon::current_num_threads();
+    let par = if parallel && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let alpha = if accumulate { 1.0 } else { 0.0 };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        ldc as isize,
+        accumulate,
+        a,
+        a_cs,
+        a_rs,
+        b,
+        b_cs,
+        b_rs,
+        alpha,
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    );
+}
 pub use conv::{conv2d, Conv2d};
 pub use linear::{layer_norm, linear, linear_no_bias, Linear};
 pub use norm::{group_norm, GroupNorm};

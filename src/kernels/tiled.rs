@@ -237,32 +237,19 @@ pub unsafe fn gemm_f32(d: Dims, parts: &[(usize, usize)], a: &[f32], b: &[f32], 
     if d.m == 0 || d.n == 0 || d.k == 0 {
         return;
     }
-    let threads = rayon::current_num_threads();
     for &(ao, bo) in parts {
-        gemm::gemm(
+        super::matmul(
             d.m,
             d.n,
             d.k,
             c,
-            1,
-            d.ldc as isize,
+            d.ldc,
             true,
             a.as_ptr().add(ao),
-            1,
-            d.lda as isize,
+            (d.lda as isize, 1),
             b.as_ptr().add(bo),
-            1,
-            d.ldb as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            },
+            (d.ldb as isize, 1),
+            true,
         );
     }
 }
