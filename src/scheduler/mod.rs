@@ -43,9 +43,13 @@ pub trait Scheduler: Send {
     /// The timesteps the UNet is evaluated at, in order.
     fn timesteps(&self) -> &[f64];
     /// Standard deviation the initial noise is scaled by (1 for DDPM-style schedulers).
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
     /// Scales the UNet input at `timestep` (identity for DDPM-style schedulers).
-    fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor>;
+    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One update: the previous (less noisy) sample from the model output at `timestep`.
     fn step(
         &mut self,
