@@ -556,6 +556,31 @@ impl Default for CrossAttnDownBlock2DConfig {
     }
 }
 
+/// The `count` spatial transformers under `vs.attentions.{i}`, each `channels` wide with
+/// `n_heads` heads (the cross-attention down and up blocks build the same stack).
+fn spatial_transformers(
+    vs: &nn::VarBuilder,
+    count: usize,
+    channels: usize,
+    n_heads: usize,
+    use_flash_attn: bool,
+    cfg: SpatialTransformerConfig,
+) -> Result<Vec<SpatialTransformer>> {
+    let vs = vs.pp("attentions");
+    (0..count)
+        .map(|i| {
+            SpatialTransformer::new(
+                vs.pp(i.to_string()),
+                channels,
+                n_heads,
+                channels / n_heads,
+                use_flash_attn,
+                cfg,
+            )
+        })
+        .collect()
+}
+
 #[derive(Debug)]
 pub struct CrossAttnDownBlock2D {
     downblock: DownBlock2D,
@@ -587,19 +612,14 @@ impl CrossAttnDownBlock2D {
             sliced_attention_size: config.sliced_attention_size,
             use_linear_projection: config.use_linear_projection,
         };
-        let vs_attn = vs.pp("attentions");
-        let attentions = (0..config.downblock.num_layers)
-            .map(|i| {
-                SpatialTransformer::new(
-                    vs_attn.pp(i.to_string()),
-                    out_channels,
-                    n_heads,
-                    out_channels / n_heads,
-                    use_flash_attn,
-                    cfg,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let attentions = spatial_transformers(
+            &vs,
+            config.downblock.num_layers,
+            out_channels,
+            n_heads,
+            use_flash_attn,
+            cfg,
+        )?;
         Ok(Self {
             downblock,
             attentions,
@@ -788,19 +808,14 @@ impl CrossAttnUpBlock2D {
             sliced_attention_size: config.sliced_attention_size,
             use_linear_projection: config.use_linear_projection,
         };
-        let vs_attn = vs.pp("attentions");
-        let attentions = (0..config.upblock.num_layers)
-            .map(|i| {
-                SpatialTransformer::new(
-                    vs_attn.pp(i.to_string()),
-                    out_channels,
-                    n_heads,
-                    out_channels / n_heads,
-                    use_flash_attn,
-                    cfg,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let attentions = spatial_transformers(
+            &vs,
+            config.upblock.num_layers,
+            out_channels,
+            n_heads,
+            use_flash_attn,
+            cfg,
+        )?;
         Ok(Self {
             upblock,
             attentions,
