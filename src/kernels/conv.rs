@@ -355,18 +355,23 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// (batch, in, out, height, width, kernel, padding): odd channel counts (bf16 pairs with a
+    /// zero), 1×1 with and without padding, kernels larger than 3, batches stacked on a canvas.
+    const CASES: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
+        (1, 1, 1, 1, 1, 1, 0),
+        (2, 3, 5, 7, 9, 3, 1),
+        (1, 13, 7, 11, 5, 3, 0),
+        (3, 4, 6, 8, 8, 1, 0),
+        (1, 5, 3, 6, 7, 1, 1),
+        (2, 8, 16, 17, 19, 3, 2),
+        (2, 9, 50, 17, 19, 3, 1),
+        (1, 2, 3, 10, 12, 5, 2),
+    ];
+
     #[test]
     fn matches_candle_conv_on_odd_shapes() -> Result<()> {
         let dev = Device::Cpu;
-        for &(n, cin, cout, h, w, k, p) in &[
-            (1, 1, 1, 1, 1, 1, 0),
-            (2, 3, 5, 7, 9, 3, 1),
-            (1, 13, 7, 11, 5, 3, 0),
-            (3, 4, 6, 8, 8, 1, 0),
-            (1, 5, 3, 6, 7, 1, 1),
-            (2, 8, 16, 17, 19, 3, 2),
-            (1, 2, 3, 10, 12, 5, 2),
-        ] {
+        for &(n, cin, cout, h, w, k, p) in CASES {
             let x = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?;
             let bias = Tensor::randn(0f32, 1.0, cout, &dev)?;
@@ -387,15 +392,7 @@ mod tests {
     fn bf16_conv_matches_f32_conv_of_rounded_operands() -> Result<()> {
         let dev = Device::Cpu;
         let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
-        for &(n, cin, cout, h, w, k, p) in &[
-            (1, 1, 1, 1, 1, 1, 0),
-            (2, 3, 5, 7, 9, 3, 1),
-            (1, 13, 7, 11, 5, 3, 0),
-            (3, 4, 6, 8, 8, 1, 0),
-            (1, 5, 3, 6, 7, 1, 1),
-            (2, 9, 50, 17, 19, 3, 1),
-            (1, 2, 3, 10, 12, 5, 2),
-        ] {
+        for &(n, cin, cout, h, w, k, p) in CASES {
             let x = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?.to_dtype(DType::BF16)?;
             let bias = Tensor::randn(0f32, 1.0, cout, &dev)?.to_dtype(DType::BF16)?;
