@@ -10,6 +10,7 @@ pub mod linear;
 pub mod norm;
 pub mod simd;
 pub mod tiled;
+pub mod winograd;
 
 pub use attention::attention;
 
@@ -109,6 +110,7 @@ pub fn tune_allocator() {
 /// otherwise: a released 1.7 GB bf16 UNet stayed resident through the VAE decode, which then
 /// peaked on top of it). A no-op elsewhere.
 pub fn return_freed_memory() {
+    winograd::release_scratch();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free pages.
     unsafe {

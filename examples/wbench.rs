@@ -1,0 +1,74 @@
+//! Winograd F(4×4, 3×3) against the tap-GEMM convolution on the SD layer shapes.
+use candle_core::{Device, Result, Tensor};
+use easel::kernels::{conv, winograd};
+use std::time::Instant;
+
+fn best<F: FnMut()>(iters: usize, mut f: F) -> f64 {
+    f();
+    let mut b = f64::INFINITY;
+    for _ in 0..iters {
+        let t = Instant::now();
+        f();
+        b = b.min(t.elapsed().as_secs_f64());
+    }
+    b
+}
+
+fn main() -> Result<()> {
+    let dev = Device::Cpu;
+    let only: Option<String> = std::env::args().nth(1);
+    for &(n, cin, cout, hw) in &[
+        (2usize, 320usize, 320usize, 64usize),
+        (2, 640, 640, 32),
+        (2, 1280, 1280, 16),
+        (2, 1280, 1280, 8),
+        (1, 512, 512, 64),
+        (1, 512, 512, 128),
+        (1, 256, 256, 256),
+        (1, 128, 128, 512),
+    ] {
+        let name = format!("{n}x{cin}->{cout}@{hw}");
+        if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+            continue;
+        }
+        let x = Tensor::randn(0f32, 1.0, (n, cin, hw, hw), &dev)?;
+        let w = Tensor::randn(0f32, 0.1, (cout, cin, 3, 3), &dev)?;
+        let gflop = 2.0 * (n * cin * cout * 9 * hw * hw) as f64 / 1e9;
+        let cfg = candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let layer = conv::Conv2d::new(candle_nn::Conv2d::new(w.clone(), None, cfg))?;
+        let taps = best(2, || {
+            candle_core::Module::forward(&layer, &x).unwrap();
+        });
+        let cand = best(2, || {
+            x.conv2d(&w, 1, 1, 1, 1).unwrap();
+        });
+        println!(
+            "{name:22} candle(im2col) {:8.1} ms ({:4.0} GF/s)",
+            cand * 1e3,
+            gflop / cand
+        );
+        let tm = w
+            .permute((2, 3, 0, 1))
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let wg = best(2, || {
+            winograd::conv3x3(&xs, (n, cin, hw, hw), winograd::Taps::F32(&tm), cout, None);
+        });
+        let wt = 0.0;
+        println!(
+            "{name:22} taps {:8.1} ms ({:4.0} GF/s)  winograd {:8.1} ms + weights {:6.1} ms  ({:4.0} eff GF/s) speedup {:.2}x",
+            taps * 1e3,
+            gflop / taps,
+            wg * 1e3,
+            wt * 1e3,
+            gflop / (wg + wt),
+            taps / (wg + wt)
+        );
+    }
+    Ok(())
+}
