@@ -81,7 +81,6 @@ impl Sdpa {
                 let r0 = blk * qb;
                 let rows = qb.min(lq - r0);
                 let dst = &dst;
-                scores[..rows * lk].fill(0.0);
                 let s_dims = Dims {
                     m: rows,
                     n: lk,
@@ -110,6 +109,7 @@ impl Sdpa {
                         ktp,
                         scores.as_mut_ptr(),
                         false,
+                        true,
                     );
                     let sums: Vec<f32> = scores[..rows * lk]
                         .chunks_exact_mut(lk)
@@ -117,7 +117,15 @@ impl Sdpa {
                         .collect();
                     let vp = v.as_ptr().add(bi * lk * dv);
                     let op = dst.0.add((bi * lq + r0) * dv);
-                    tiled::gemm_on::<F32Fma>(o_dims, &[(0, 0)], scores.as_ptr(), vp, op, false);
+                    tiled::gemm_on::<F32Fma>(
+                        o_dims,
+                        &[(0, 0)],
+                        scores.as_ptr(),
+                        vp,
+                        op,
+                        false,
+                        true,
+                    );
                     // The softmax's division, on the output rows.
                     let o = std::slice::from_raw_parts_mut(op, rows * dv);
                     for (row, s) in o.chunks_exact_mut(dv).zip(sums) {

@@ -224,12 +224,33 @@ fn conv3x3_capped(
         let co = co0..(co0 + cb).min(cout);
         transform_weights_into(taps, cout, cin, co.clone(), u);
         let u = &u[..P * co.len() * cin];
-        (0..rows.div_ceil(per)).into_par_iter().for_each(|c| {
-            let r = c * per..((c + 1) * per).min(rows);
-            chunk(x, g, cin, u, (co.clone(), cout), bias, r, &dst);
-        });
+        (0..rows.div_ceil(per))
+            .into_par_iter()
+            .for_each_init(Buffers::default, |bufs, c| {
+                let r = c * per..((c + 1) * per).min(rows);
+                chunk(x, g, cin, u, (co.clone(), cout), bias, r, &dst, bufs);
+            });
     }
     out
+}
+
+/// A task's transformed input and output, reused across its chunks (zero-filling fresh ones
+/// showed up as memset in profiles).
+#[derive(Default)]
+struct Buffers {
+    v: Vec<f32>,
+    m: Vec<f32>,
+    scratch: Vec<f32>,
+}
+
+impl Buffers {
+    /// `buf` at least `len` long (contents unspecified: every user writes before reading).
+    fn take(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        &mut buf[..len]
+    }
 }
 
 /// One chunk of tile rows: transform the input, 36 GEMMs, transform back into `out`.
@@ -243,14 +264,15 @@ fn chunk(
     bias: Option<&[f32]>,
     rows: std::ops::Range<usize>,
     out: &SendPtr,
+    bufs: &mut Buffers,
 ) {
     let cout = chans.len();
     let tw = g.tw;
     let tiles = rows.len() * tw;
     let plane = g.h * g.w;
     // V: 36 × cin × tiles; M: 36 × cout × tiles.
-    let mut v = vec![0f32; P * cin * tiles];
-    let mut scratch = vec![0f32; 4 * (tw + 1) * (1 + 6 + 6) + 6 * 4 * (tw + 1)];
+    let v = Buffers::take(&mut bufs.v, P * cin * tiles);
+    let scratch = Buffers::take(&mut bufs.scratch, 52 * (tw + 1));
     for ci in 0..cin {
         for (k, r) in rows.clone().enumerate() {
             let (i, ty) = (r / g.th, r % g.th);
@@ -261,14 +283,14 @@ fn chunk(
                 g.w,
                 ty,
                 tw,
-                &mut scratch,
-                &mut v,
+                scratch,
+                v,
                 ci * tiles + k * tw,
                 cin * tiles,
             );
         }
     }
-    let mut m = vec![0f32; P * cout * tiles];
+    let m = Buffers::take(&mut bufs.m, P * cout * tiles);
     for p in 0..P {
         // SAFETY: U_p is cout × cin, V_p cin × tiles and M_p cout × tiles, all row-major
         // inside their buffers; M is this task's own.
@@ -288,8 +310,7 @@ fn chunk(
             );
         }
     }
-    drop(v);
-    let mut row = vec![0f32; 16 * tw + 4 * tw + 24 * tw];
+    let row = Buffers::take(&mut bufs.scratch, 44 * tw);
     for co in 0..cout {
         let oc = chans.start + co;
         let b = bias.map_or(0.0, |b| b[oc]);
@@ -298,20 +319,12 @@ fn chunk(
             let base = (i * cout_all + oc) * plane;
             let ys = 4 * ty..(4 * ty + 4).min(g.h);
             // SAFETY: output rows ys of channel oc of image i belong to tile row r and channel
-            // block `chans`, which only this chunk covers; the range lies inside `out` (n · cout · plane long).
+            // block `chans`, which only this chunk covers; the range lies inside `out`
+            // (n · cout_all · plane long).
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(out.0.add(base + ys.start * g.w), ys.len() * g.w)
             };
-            output_row(
-                &m,
-                co * tiles + k * tw,
-                cout * tiles,
-                tw,
-                g.w,
-                b,
-                &mut row,
-                dst,
-            );
+            output_row(m, co * tiles + k * tw, cout * tiles, tw, g.w, b, row, dst);
         }
     }
 }
