@@ -11,13 +11,44 @@ fn rand(shape: &[usize]) -> Tensor {
     Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
 }
 
-/// (batch, channels, side): UNet 64² level at batch 2, VAE 256² and 512² levels.
-const CONV: &[(usize, usize, usize)] = &[(2, 320, 64), (1, 256, 256), (1, 128, 512)];
+/// (batch, channels, side): UNet 64², 32² and 16² levels at batch 2, VAE 128², 256² and 512²
+/// levels.
+const CONV: &[(usize, usize, usize)] = &[
+    (2, 320, 64),
+    (2, 640, 32),
+    (2, 1280, 16),
+    (1, 512, 128),
+    (1, 256, 256),
+    (1, 128, 512),
+];
 
+fn conv_layer(c: usize, winograd: bool) -> kernels::Conv2d {
+    let cfg = candle_nn::Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let conv = kernels::Conv2d::new(candle_nn::Conv2d::new(rand(&[c, c, 3, 3]), None, cfg));
+    let conv = conv.unwrap();
+    if winograd {
+        conv
+    } else {
+        conv.without_winograd()
+    }
+}
+
+/// A layer as the UNet and VAE hold it (weights packed at load): Winograd F(4×4, 3×3) from 64
+/// tiles up (all but the 16² case), the tap GEMMs below.
 #[divan::bench(args = CONV, sample_count = 3, sample_size = 1)]
 fn conv3x3_easel(b: divan::Bencher, &(n, c, s): &(usize, usize, usize)) {
-    let (x, w) = (rand(&[n, c, s, s]), rand(&[c, c, 3, 3]));
-    b.bench(|| kernels::conv::conv2d_fast(&x, &w, None, 1).unwrap());
+    let (x, conv) = (rand(&[n, c, s, s]), conv_layer(c, true));
+    b.bench(|| candle_core::Module::forward(&conv, &x).unwrap());
+}
+
+/// The same layer on the tap GEMMs only.
+#[divan::bench(args = CONV, sample_count = 3, sample_size = 1)]
+fn conv3x3_taps(b: divan::Bencher, &(n, c, s): &(usize, usize, usize)) {
+    let (x, conv) = (rand(&[n, c, s, s]), conv_layer(c, false));
+    b.bench(|| candle_core::Module::forward(&conv, &x).unwrap());
 }
 
 #[divan::bench(args = CONV, sample_count = 3, sample_size = 1)]

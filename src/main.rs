@@ -146,9 +146,10 @@ struct Cli {
     device: DeviceChoice,
 
     /// auto (f16 on GPU, f32 on CPU), f32, f16, bf16. bf16 on the CPU keeps the weights in bf16
-    /// (half the memory) and the activations in f32.
-    #[arg(long, default_value = "auto")]
-    dtype: DTypeChoice,
+    /// (half the memory) and the activations in f32. [default: auto, or with --from-png the
+    /// PNG's recorded Dtype]
+    #[arg(long)]
+    dtype: Option<DTypeChoice>,
 
     /// No progress bar or status lines; errors are still printed.
     #[arg(short, long)]
@@ -244,6 +245,8 @@ fn run(cli: Cli) -> Result<Outcome> {
     };
     let mut defaults = cli_overrides(&cli)?;
     let mut model = cli.model_given.then(|| cli.model.clone());
+    // The dtype a --from-png PNG records, applied unless --dtype is given.
+    let mut recorded_dtype: Option<DTypeChoice> = None;
     let batch = cli.prompt_file.is_some();
     let mut base_seed = None;
 
@@ -293,6 +296,10 @@ fn run(cli: Cli) -> Result<Outcome> {
         }
         defaults = defaults.or(&recorded);
         defaults.seed = Some(defaults.seed.unwrap_or_else(easel::rng::random_seed));
+        // A seed reproduces an image only in the dtype it was made in.
+        if cli.dtype.is_none() && params.from_easel() {
+            recorded_dtype = params.get("Dtype").and_then(|d| d.parse().ok());
+        }
         plan_single(
             &cli.output,
             defaults,
@@ -355,7 +362,17 @@ fn run(cli: Cli) -> Result<Outcome> {
     }
 
     let device = select_device(cli.device)?;
-    let dtype = select_dtype(cli.dtype, &device)?;
+    let choice = match (cli.dtype, recorded_dtype) {
+        (Some(c), _) => c,
+        // f16 was a GPU's choice; on the CPU, auto (f32) is the practical one.
+        (None, Some(DTypeChoice::F16)) if device.is_cpu() => {
+            status("note: the PNG was made in f16 (on a GPU); running f32 on the CPU, so the image will differ slightly (--dtype f16 forces it)");
+            DTypeChoice::Auto
+        }
+        (None, Some(r)) => r,
+        (None, None) => DTypeChoice::Auto,
+    };
+    let dtype = select_dtype(choice, &device)?;
     let model = model.unwrap_or_else(|| DEFAULT_MODEL.to_string());
     let t0 = Instant::now();
     let precision = if device.is_cpu() && dtype == candle_core::DType::BF16 {

@@ -373,6 +373,33 @@ fn from_png_reruns_easels_own_parameters_with_flag_overrides() {
         .stderr(predicate::str::contains("cannot open"));
 }
 
+/// A seed reproduces an image only in the dtype it was made in, so `--from-png` applies the
+/// recorded `Dtype` unless `--dtype` says otherwise.
+#[test]
+fn from_png_reruns_in_the_recorded_dtype() {
+    let t = tempfile::tempdir().unwrap();
+    easel(t.path())
+        .args(["a red fox", "--steps", "2", "--seed", "5", "--dtype", "bf16"])
+        .args(["-o", "a.png"])
+        .assert()
+        .success();
+    assert!(params(&t.path().join("a.png")).contains("Dtype: bf16"));
+    easel(t.path())
+        .args(["--from-png", "a.png", "-o", "b.png"])
+        .assert()
+        .success();
+    assert!(params(&t.path().join("b.png")).contains("Dtype: bf16"));
+    assert_eq!(
+        pixels(&t.path().join("a.png")),
+        pixels(&t.path().join("b.png"))
+    );
+    easel(t.path())
+        .args(["--from-png", "a.png", "-o", "c.png", "--dtype", "f32"])
+        .assert()
+        .success();
+    assert!(params(&t.path().join("c.png")).contains("Dtype: f32"));
+}
+
 #[test]
 fn from_png_reads_automatic1111_parameters() {
     let t = tempfile::tempdir().unwrap();

@@ -18,6 +18,8 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     kind: Kind,
+    /// Winograd allowed where it pays (off only to compare).
+    winograd: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -67,7 +69,18 @@ impl Conv2d {
             }
             _ => Kind::Candle(inner),
         };
-        Ok(Self { kind })
+        Ok(Self {
+            kind,
+            winograd: true,
+        })
+    }
+
+    /// The same layer on the tap GEMMs only (benches compare the two).
+    pub fn without_winograd(self) -> Self {
+        Self {
+            winograd: false,
+            ..self
+        }
     }
 }
 
@@ -77,7 +90,7 @@ impl Module for Conv2d {
             Kind::Taps(p) if xs.rank() == 4 => xs
                 .to_dtype(DType::F32)?
                 .contiguous()?
-                .apply_op1_no_bwd(&TapsOp(p.clone())),
+                .apply_op1_no_bwd(&TapsOp(p.clone(), self.winograd)),
             Kind::Taps(_) => {
                 candle_core::bail!("conv2d: expected a 4-d input, got {:?}", xs.dims())
             }
@@ -86,11 +99,13 @@ impl Module for Conv2d {
     }
 }
 
-/// f32 convolution through the tap kernel, packing `w` on the fly (tests, benches and one-off
-/// calls; layers pack once at load). `x` (N, Cin, H, W), `w` (Cout, Cin, K, K), `b` (Cout).
+/// f32 convolution as a layer would run it (Winograd where it pays), packing `w` on the fly
+/// (tests, benches and one-off calls; layers pack once at load). `x` (N, Cin, H, W), `w` (Cout,
+/// Cin, K, K), `b` (Cout).
 pub fn conv2d_fast(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize) -> Result<Tensor> {
     let packed = PackedConv::new(&w.to_dtype(DType::F32)?, b, padding, Form::F32)?;
-    x.contiguous()?.apply_op1_no_bwd(&TapsOp(Arc::new(packed)))
+    x.contiguous()?
+        .apply_op1_no_bwd(&TapsOp(Arc::new(packed), true))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,8 +232,8 @@ struct Geometry {
 /// `C += Σ_taps A_tap · B_tap` (`tiled::gemm_f32` or `bf16::gemm`).
 type TapGemm<E> = unsafe fn(Dims, &[(usize, usize)], &[E], &[E], *mut f32);
 
-/// f32 in, f32 out.
-struct TapsOp(Arc<PackedConv>);
+/// f32 in, f32 out; the flag allows the Winograd path.
+struct TapsOp(Arc<PackedConv>, bool);
 
 impl TapsOp {
     /// `fill(b)` lays the batch out as `B` (one canvas row of `cs` per channel or pair), `mm`
@@ -311,7 +326,7 @@ impl CustomOp1 for TapsOp {
             grid: (n * hp - kh + 1) * wp,
         };
         let x = super::f32_slice(s, l, "conv")?;
-        if kh == 3 && kw == 3 && p == 1 && winograd::pays(n, h, wd) {
+        if self.1 && kh == 3 && kw == 3 && p == 1 && winograd::pays(n, h, wd) {
             let taps = match &pc.w {
                 TapWeights::F32(w) => winograd::Taps::F32(w),
                 TapWeights::Widen(w) => winograd::Taps::Bf16(w),
