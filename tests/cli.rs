@@ -379,7 +379,15 @@ fn from_png_reruns_easels_own_parameters_with_flag_overrides() {
 fn from_png_reruns_in_the_recorded_dtype() {
     let t = tempfile::tempdir().unwrap();
     easel(t.path())
-        .args(["a red fox", "--steps", "2", "--seed", "5", "--dtype", "bf16"])
+        .args([
+            "a red fox",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--dtype",
+            "bf16",
+        ])
         .args(["-o", "a.png"])
         .assert()
         .success();

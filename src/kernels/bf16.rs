@@ -92,17 +92,11 @@ pub fn pack_a(src: &[f32], rows: usize, k: usize) -> Vec<u32> {
     dst
 }
 
-/// bf16 weights as f32, in parallel (bf16 → f32 is exact: the bits move up 16 places).
-pub fn unpack(src: &[half::bf16]) -> Vec<f32> {
-    let mut dst = vec![0f32; src.len()];
-    dst.par_chunks_mut(1 << 16)
-        .zip(src.par_chunks(1 << 16))
-        .for_each(|(d, s)| {
-            for (d, s) in d.iter_mut().zip(s) {
-                *d = f32::from_bits((s.to_bits() as u32) << 16);
-            }
-        });
-    dst
+/// `dst[i] = src[i]` as f32 (bf16 → f32 is exact: the bits move up 16 places).
+pub fn widen(src: &[half::bf16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits((s.to_bits() as u32) << 16);
+    }
 }
 
 /// How layers with bf16 weights multiply on this CPU; chosen once per process so that runs on

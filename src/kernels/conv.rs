@@ -229,8 +229,8 @@ struct Geometry {
     grid: usize,
 }
 
-/// `C += Σ_taps A_tap · B_tap` (`tiled::gemm_f32` or `bf16::gemm`).
-type TapGemm<E> = unsafe fn(Dims, &[(usize, usize)], &[E], &[E], *mut f32);
+/// `C += Σ_taps A_tap · B_tap` (`tiled::gemm_f32`, `tiled::gemm_widen` or `bf16::gemm`).
+type TapGemm<A, E> = unsafe fn(Dims, &[(usize, usize)], &[A], &[E], *mut f32);
 
 /// f32 in, f32 out; the flag allows the Winograd path.
 struct TapsOp(Arc<PackedConv>, bool);
@@ -238,13 +238,13 @@ struct TapsOp(Arc<PackedConv>, bool);
 impl TapsOp {
     /// `fill(b)` lays the batch out as `B` (one canvas row of `cs` per channel or pair), `mm`
     /// sums the taps into the accumulator, which is then cropped into the output.
-    fn run<E: Copy + Default + Send + Sync>(
+    fn run<A, E: Copy + Default + Send + Sync>(
         &self,
         g: &Geometry,
         rows: usize,
-        w: &[E],
+        w: &[A],
         fill: impl FnOnce(&mut [E]),
-        mm: TapGemm<E>,
+        mm: TapGemm<A, E>,
     ) -> Vec<f32> {
         let pc = &*self.0;
         let (cout, kw) = (pc.cout, pc.kw);
@@ -353,10 +353,7 @@ impl CustomOp1 for TapsOp {
         };
         let out = match &pc.w {
             TapWeights::F32(w) => self.run(&g, cin, w, fill_f32, tiled::gemm_f32),
-            TapWeights::Widen(w) => {
-                let wf = bf16::unpack(w);
-                self.run(&g, cin, &wf, fill_f32, tiled::gemm_f32)
-            }
+            TapWeights::Widen(w) => self.run(&g, cin, w, fill_f32, tiled::gemm_widen),
             TapWeights::Pairs(w) => {
                 let fill = |b: &mut [u32]| {
                     b.par_chunks_mut(g.cs).enumerate().for_each(|(q, dst)| {
