@@ -136,6 +136,18 @@ def main():
                     f"{fmt_gb(d)} | {ratio(e)} |")
             if b:
                 line += f" {fmt_gb(base)} | {ratio(base)} |"
+            # Wall time including loading: a one-image easel run loads the UNet and VAE inside
+            # generation (lazily), diffusers before it, so only the sum compares.
+            def wall(x):
+                return x["load_s"] + x["min_s"] if x else None
+            def fmt_w(x):
+                return f"{wall(x):.3f} s" if x else "n/a"
+            def wratio(x):
+                return f"{wall(x)/wall(d):.2f}x" if x and d else "n/a"
+            line += (f"\n| wall, {name} (load + text + 1 UNet step + decode) | {fmt_w(e)} | "
+                     f"{fmt_w(d)} | {wratio(e)} |")
+            if b:
+                line += f" {fmt_w(base)} | {wratio(base)} |"
         else:
             def ratio(x):
                 return f"{x['min_s']/d['min_s']:.2f}x" if x and d else "n/a"

@@ -209,26 +209,35 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Both bf16 paths against candle's f32 linear on the same (bf16-valued) weights; the
+    /// Both bf16 paths against candle's f32 linear on the same (bf16-valued) weights, with and
+    /// without bias, including widths that span several widened blocks (600 = 2·256 + 88); the
     /// `Dot` path also rounds its input, so it is compared with the rounded input.
     #[test]
     fn bf16_linear_matches_f32_linear() -> Result<()> {
         let dev = Device::Cpu;
-        for &(rows, k, n) in &[(1, 1, 1), (3, 7, 5), (2 * 77, 33, 50), (5, 64, 130)] {
+        for &(rows, k, n) in &[
+            (1, 1, 1),
+            (3, 7, 5),
+            (2 * 77, 33, 50),
+            (5, 64, 130),
+            (3, 40, 600),
+        ] {
             let x = Tensor::randn(0f32, 1.0, (2, rows, k), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(DType::BF16)?;
             let b = Tensor::randn(0f32, 1.0, n, &dev)?.to_dtype(DType::BF16)?;
             let wf = w.to_dtype(DType::F32)?;
             let bf = b.to_dtype(DType::F32)?;
             let xr = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
-            let reference = nn::Linear::new(wf, Some(bf));
-            for path in [Path::Dot, Path::Widen] {
-                let l = Linear::with_path(nn::Linear::new(w.clone(), Some(b.clone())), path)?;
-                let got = l.forward(&x)?;
-                let want = reference.forward(if path == Path::Dot { &xr } else { &x })?;
-                assert_eq!(got.dims(), want.dims());
-                let err = crate::kernels::max_abs_diff(&got, &want)?;
-                assert!(err < 1e-4, "{path:?} {rows}x{k}x{n}: {err}");
+            for bias in [true, false] {
+                let reference = nn::Linear::new(wf.clone(), bias.then(|| bf.clone()));
+                for path in [Path::Dot, Path::Widen] {
+                    let inner = nn::Linear::new(w.clone(), bias.then(|| b.clone()));
+                    let got = Linear::with_path(inner, path)?.forward(&x)?;
+                    let want = reference.forward(if path == Path::Dot { &xr } else { &x })?;
+                    assert_eq!(got.dims(), want.dims());
+                    let err = crate::kernels::max_abs_diff(&got, &want)?;
+                    assert!(err < 1e-4, "{path:?} {rows}x{k}x{n} bias {bias}: {err}");
+                }
             }
         }
         Ok(())
