@@ -273,7 +273,7 @@ fn transposed_storage(l: Linear) -> candle_core::Result<Linear> {
     if !l.weight().device().is_cpu() {
         return Ok(l);
     }
-    let w = l.weight().t()?.contiguous()?.t()?;
+    let w = crate::kernels::transpose(l.weight())?.t()?;
     Ok(Linear::new(w, l.bias().cloned()))
 }
 
