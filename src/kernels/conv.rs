@@ -276,7 +276,7 @@ impl TapsOp {
         let (cout, kw) = (pc.cout, pc.kw);
         let mut b = vec![E::default(); rows * g.cs];
         fill(&mut b);
-        let mut acc = vec![0f32; cout * g.grid];
+        let mut acc = super::zeroed(cout * g.grid);
         fill_rows(&mut acc, g.grid, pc.bias.as_deref());
         let parts: Vec<(usize, usize)> = (0..pc.kh * kw)
             .map(|t| (t * cout * rows, (t / kw) * g.wp + t % kw))
@@ -308,7 +308,7 @@ impl TapsOp {
             acc.shrink_to_fit();
             return acc;
         }
-        let mut out = vec![0f32; g.n * cout * plane];
+        let mut out = super::zeroed(g.n * cout * plane);
         out.par_chunks_mut(plane).enumerate().for_each(|(ic, d)| {
             let (i, co) = (ic / cout, ic % cout);
             let a = &acc[co * g.grid..(co + 1) * g.grid];

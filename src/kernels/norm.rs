@@ -132,7 +132,7 @@ impl CustomOp1 for GroupNormOp {
         let g = self.num_groups;
         let cg = c / g;
         let len = cg * hw;
-        let mut out = vec![0f32; x.len()];
+        let mut out = super::zeroed(x.len());
         out.par_chunks_mut(len)
             .zip(x.par_chunks(len))
             .enumerate()

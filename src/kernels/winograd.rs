@@ -202,7 +202,7 @@ fn conv3x3_capped(
         th: h.div_ceil(4),
         tw: w.div_ceil(4),
     };
-    let mut out = vec![0f32; n * cout * h * w];
+    let mut out = super::zeroed(n * cout * h * w);
     if out.is_empty() || cin == 0 {
         return out;
     }
