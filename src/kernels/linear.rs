@@ -1,5 +1,6 @@
-//! Linear layers. f32/f16 weights go to candle; bf16 weights on the CPU take f32 inputs and
-//! give f32 outputs, multiplying through [`super::bf16`] along the [`Path`] chosen for the CPU.
+//! Linear layers. On the CPU, f32 weights multiply straight into an output pre-filled with the
+//! bias, and bf16 weights take f32 inputs and give f32 outputs along the [`Path`] chosen for
+//! the CPU; f16 weights and other devices go to candle.
 use super::bf16::{self, Path};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn as nn;
@@ -21,26 +22,34 @@ enum Kind {
         n: usize,
         bias: Option<Arc<Vec<f32>>>,
     },
-    /// Weight kept as bf16 `(n, k)`, widened to f32 block by block for each product.
-    Widen(Arc<WidenLinear>),
+    /// f32 weights as loaded, or bf16 widened to f32 block by block for each product.
+    Cpu(Arc<CpuLinear>),
 }
 
-/// A bf16 `(n, k)` weight multiplied in f32: [`WIDEN_BLOCK`] output features at a time are
-/// widened into one small buffer and multiplied straight into their columns of the output
-/// (bias pre-filled). Widening the whole weight per call (52 MB for the 1280 → 10240 GEGLU
-/// projection) cost a fresh allocation's page faults plus a pass, and the bias a second pass.
+/// An `(n, k)` weight multiplied in f32 straight into the output, its bias pre-filled (candle's
+/// linear adds the bias in a second pass over the output). bf16 weights are widened
+/// [`WIDEN_BLOCK`] output features at a time into one small buffer: widening the whole weight
+/// per call (52 MB for the 1280 → 10240 GEGLU projection) cost a fresh allocation's page faults
+/// plus a pass.
 #[derive(Debug)]
-struct WidenLinear {
-    w: Vec<half::bf16>,
+struct CpuLinear {
+    w: Weight,
     k: usize,
     n: usize,
     bias: Option<Vec<f32>>,
 }
 
+#[derive(Debug)]
+enum Weight {
+    /// The loaded tensor itself (contiguous f32 on the CPU), read in place.
+    F32(Tensor),
+    Bf16(Vec<half::bf16>),
+}
+
 /// Output features widened at a time (256 × 1280 f32 = 1.3 MB).
 const WIDEN_BLOCK: usize = 256;
 
-impl CustomOp1 for WidenLinear {
+impl CustomOp1 for CpuLinear {
     fn name(&self) -> &'static str {
         "easel-linear-bf16"
     }
@@ -57,15 +66,10 @@ impl CustomOp1 for WidenLinear {
         if let Some(b) = &self.bias {
             out.par_chunks_mut(n).for_each(|row| row.copy_from_slice(b));
         }
-        let mut wide = vec![0f32; WIDEN_BLOCK.min(n) * k];
-        for j0 in (0..n).step_by(WIDEN_BLOCK) {
-            let nb = WIDEN_BLOCK.min(n - j0);
-            let wb = &mut wide[..nb * k];
-            wb.par_chunks_mut(k)
-                .zip(self.w[j0 * k..(j0 + nb) * k].par_chunks(k))
-                .for_each(|(d, s)| bf16::widen(s, d));
-            // SAFETY: x is rows × k, the block nb × k (read as its transpose), and output
-            // columns j0..j0+nb of rows × n lie inside `out`.
+        // out[:, j0..j0+nb] (+)= x · w[j0..j0+nb, :]ᵀ
+        let product = |j0: usize, nb: usize, w: &[f32], out: &mut [f32]| {
+            // SAFETY: x is rows × k, `w` nb × k (read as its transpose), and output columns
+            // j0..j0+nb of rows × n lie inside `out`.
             unsafe {
                 super::matmul(
                     rows,
@@ -76,10 +80,30 @@ impl CustomOp1 for WidenLinear {
                     self.bias.is_some(),
                     x.as_ptr(),
                     (k as isize, 1),
-                    wb.as_ptr(),
+                    w.as_ptr(),
                     (1, k as isize),
                     true,
                 );
+            }
+        };
+        match &self.w {
+            Weight::F32(w) => {
+                let (storage, layout) = w.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else {
+                    candle_core::bail!("linear: f32 weights must be on the CPU");
+                };
+                product(0, n, super::f32_slice(cpu, layout, "linear")?, &mut out)
+            }
+            Weight::Bf16(w) => {
+                let mut wide = vec![0f32; WIDEN_BLOCK.min(n) * k];
+                for j0 in (0..n).step_by(WIDEN_BLOCK) {
+                    let nb = WIDEN_BLOCK.min(n - j0);
+                    let wb = &mut wide[..nb * k];
+                    wb.par_chunks_mut(k)
+                        .zip(w[j0 * k..(j0 + nb) * k].par_chunks(k))
+                        .for_each(|(d, s)| bf16::widen(s, d));
+                    product(j0, nb, wb, &mut out);
+                }
             }
         }
         *dims.last_mut().unwrap() = n;
@@ -105,7 +129,26 @@ impl Linear {
     /// As [`Linear::new`], with the bf16 path given (tests and benches compare both).
     pub fn with_path(inner: nn::Linear, path: Path) -> Result<Self> {
         let w = inner.weight();
-        if !(w.device().is_cpu() && w.dtype() == DType::BF16 && w.rank() == 2) {
+        if !(w.device().is_cpu() && w.rank() == 2) {
+            return Ok(Self {
+                kind: Kind::Candle(inner),
+            });
+        }
+        if w.dtype() == DType::F32 {
+            let (n, k) = w.dims2()?;
+            return Ok(Self {
+                kind: Kind::Cpu(Arc::new(CpuLinear {
+                    w: Weight::F32(w.contiguous()?),
+                    k,
+                    n,
+                    bias: match inner.bias() {
+                        Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                        None => None,
+                    },
+                })),
+            });
+        }
+        if w.dtype() != DType::BF16 {
             return Ok(Self {
                 kind: Kind::Candle(inner),
             });
@@ -138,8 +181,8 @@ impl Linear {
                     bias,
                 }
             }
-            Path::Widen => Kind::Widen(Arc::new(WidenLinear {
-                w: bits,
+            Path::Widen => Kind::Cpu(Arc::new(CpuLinear {
+                w: Weight::Bf16(bits),
                 k,
                 n,
                 bias: match inner.bias() {
@@ -156,7 +199,7 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match &self.kind {
             Kind::Candle(inner) => inner.forward(xs),
-            Kind::Widen(op) => xs
+            Kind::Cpu(op) => xs
                 .to_dtype(DType::F32)?
                 .contiguous()?
                 .apply_op1_no_bwd(op.as_ref()),
@@ -237,6 +280,31 @@ mod tests {
                     assert_eq!(got.dims(), want.dims());
                     let err = crate::kernels::max_abs_diff(&got, &want)?;
                     assert!(err < 1e-4, "{path:?} {rows}x{k}x{n} bias {bias}: {err}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// f32 weights on the CPU (the direct product with the bias pre-filled) against candle's
+    /// linear, 2-d and 3-d inputs, with and without bias.
+    #[test]
+    fn f32_linear_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(rows, k, n) in &[(1, 1, 1), (3, 7, 5), (2 * 77, 33, 50), (5, 64, 600)] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+            for x in [
+                Tensor::randn(0f32, 1.0, (rows, k), &dev)?,
+                Tensor::randn(0f32, 1.0, (2, rows, k), &dev)?,
+            ] {
+                for bias in [true, false] {
+                    let inner = nn::Linear::new(w.clone(), bias.then(|| b.clone()));
+                    let got = Linear::new(inner.clone())?.forward(&x)?;
+                    let want = inner.forward(&x)?;
+                    assert_eq!(got.dims(), want.dims());
+                    let err = crate::kernels::max_abs_diff(&got, &want)?;
+                    assert!(err < 1e-4, "{rows}x{k}x{n} bias {bias}: {err}");
                 }
             }
         }
