@@ -48,6 +48,15 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     xs.matmul(&v)?.to_dtype(in_dtype)
 }
 
+/// A row stride of at least `n` floats that is not a multiple of 1 KiB (L1 set aliasing).
+fn padded(n: usize) -> usize {
+    if n >= 256 && n % 256 == 0 {
+        n + 16
+    } else {
+        n
+    }
+}
+
 impl Sdpa {
     /// The AVX-512 path: both products run on [`tiled`]'s f32 tile, reading `Kᵀ` and `V` in
     /// place. gemm packed the whole of K and V again for every block of 32 queries (with a head
@@ -59,13 +68,16 @@ impl Sdpa {
         v: &[f32],
         (b, lq, lk, d, dv): (usize, usize, usize, usize, usize),
     ) -> Vec<f32> {
+        // Rows of Kᵀ and of the score block are `ld` apart, not `lk`: with 4096 keys the tiles
+        // stepped 16 KiB between rows, so every row they touched fell in the same L1 set.
+        let ld = padded(lk);
         // Kᵀ per batch·head, built once: the score tile reads 48 keys of one dimension at a time.
-        let mut kt = vec![0f32; b * d * lk];
-        kt.par_chunks_mut(d * lk).enumerate().for_each(|(bi, dst)| {
+        let mut kt = vec![0f32; b * d * ld];
+        kt.par_chunks_mut(d * ld).enumerate().for_each(|(bi, dst)| {
             let kb = &k[bi * lk * d..(bi + 1) * lk * d];
             for (j, row) in kb.chunks_exact(d).enumerate() {
                 for (c, &x) in row.iter().enumerate() {
-                    dst[c * lk + j] = x;
+                    dst[c * ld + j] = x;
                 }
             }
         });
@@ -75,7 +87,7 @@ impl Sdpa {
         let mut out = vec![0f32; b * lq * dv];
         let dst = SendPtr(out.as_mut_ptr());
         (0..b * nblk).into_par_iter().for_each_init(
-            || vec![0f32; qb * lk],
+            || vec![0f32; qb * ld],
             |scores, task| {
                 let (bi, blk) = (task / nblk, task % nblk);
                 let r0 = blk * qb;
@@ -86,14 +98,14 @@ impl Sdpa {
                     n: lk,
                     k: d,
                     lda: d,
-                    ldb: lk,
-                    ldc: lk,
+                    ldb: ld,
+                    ldc: ld,
                 };
                 let o_dims = Dims {
                     m: rows,
                     n: dv,
                     k: lk,
-                    lda: lk,
+                    lda: ld,
                     ldb: dv,
                     ldc: dv,
                 };
@@ -101,7 +113,7 @@ impl Sdpa {
                 // bi, the score buffer (≥ rows × lk) and this task's own rows of `out`.
                 unsafe {
                     let qp = q.as_ptr().add((bi * lq + r0) * d);
-                    let ktp = kt.as_ptr().add(bi * d * lk);
+                    let ktp = kt.as_ptr().add(bi * d * ld);
                     tiled::gemm_on::<F32Fma>(
                         s_dims,
                         &[(0, 0)],
@@ -111,9 +123,9 @@ impl Sdpa {
                         false,
                         true,
                     );
-                    let sums: Vec<f32> = scores[..rows * lk]
-                        .chunks_exact_mut(lk)
-                        .map(|row| exp_row(row, self.scale))
+                    let sums: Vec<f32> = scores[..rows * ld]
+                        .chunks_exact_mut(ld)
+                        .map(|row| exp_row(&mut row[..lk], self.scale))
                         .collect();
                     let vp = v.as_ptr().add(bi * lk * dv);
                     let op = dst.0.add((bi * lq + r0) * dv);
@@ -240,6 +252,8 @@ mod tests {
             (3, 37, 77, 40, 40),
             (2, 300, 300, 17, 9),
             (5, 129, 1000, 64, 64),
+            // Key counts a multiple of 256: rows of Kᵀ and the scores are padded.
+            (2, 70, 512, 40, 40),
         ] {
             let q = Tensor::randn(0f32, 1.0, (b, lq, d), &dev)?;
             let k = Tensor::randn(0f32, 1.0, (b, lk, d), &dev)?;
