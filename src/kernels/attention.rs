@@ -50,7 +50,7 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
 
 /// A row stride of at least `n` floats that is not a multiple of 1 KiB (L1 set aliasing).
 fn padded(n: usize) -> usize {
-    if n >= 256 && n % 256 == 0 {
+    if n >= 256 && n.is_multiple_of(256) {
         n + 16
     } else {
         n
