@@ -247,20 +247,28 @@ pub unsafe fn gemm_f32(d: Dims, parts: &[(usize, usize)], a: &[f32], b: &[f32], 
         return;
     }
     for &(ao, bo) in parts {
-        super::matmul(
-            d.m,
-            d.n,
-            d.k,
-            c,
-            d.ldc,
-            true,
-            a.as_ptr().add(ao),
-            (d.lda as isize, 1),
-            b.as_ptr().add(bo),
-            (d.ldb as isize, 1),
-            true,
-        );
+        accumulate(d, a.as_ptr().add(ao), d.lda, b.as_ptr().add(bo), c);
     }
+}
+
+/// `C += A·B` for one part on gemm, across the pool.
+///
+/// # Safety
+/// As for [`gemm`], with `A` rows `lda` apart.
+unsafe fn accumulate(d: Dims, a: *const f32, lda: usize, b: *const f32, c: *mut f32) {
+    super::matmul(
+        d.m,
+        d.n,
+        d.k,
+        c,
+        d.ldc,
+        true,
+        a,
+        (lda as isize, 1),
+        b,
+        (d.ldb as isize, 1),
+        true,
+    );
 }
 
 /// [`gemm_f32`] with bf16 `A` (weights), widened part by part into one reused f32 buffer: a
@@ -284,18 +292,6 @@ pub unsafe fn gemm_widen(
         wide.par_chunks_mut(d.k).enumerate().for_each(|(i, row)| {
             super::bf16::widen(&a[ao + i * d.lda..][..d.k], row);
         });
-        super::matmul(
-            d.m,
-            d.n,
-            d.k,
-            c,
-            d.ldc,
-            true,
-            wide.as_ptr(),
-            (d.k as isize, 1),
-            b.as_ptr().add(bo),
-            (d.ldb as isize, 1),
-            true,
-        );
+        accumulate(d, wide.as_ptr(), d.k, b.as_ptr().add(bo), c);
     }
 }
