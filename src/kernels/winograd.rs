@@ -27,9 +27,9 @@ const CHUNK_TILES: usize = 256;
 
 /// Whether an `n × h × w` input is worth the Winograd path: it needs enough 4×4 tiles for
 /// its 4× smaller GEMMs to repay transforming the weights on every call. Measured (2 cores,
-/// per call incl. the weight transform): 2×640² channels at 32² (128 tiles) 1.9× faster than
-/// the tap GEMMs, 2×1280² at 16² (32 tiles) 0.83×, at 8² 0.31×. `EASEL_WINOGRAD=0` turns it
-/// off (to compare).
+/// per call incl. the weight transform, `examples/wbench.rs`): 2×640² channels at 32² (128
+/// tiles) 1.76× the speed of the tap GEMMs, 2×1280² at 16² (32 tiles) 0.99×, at 8² 0.35×.
+/// `EASEL_WINOGRAD=0` turns it off (to compare).
 pub fn pays(n: usize, h: usize, w: usize) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("EASEL_WINOGRAD").map_or(true, |v| v != "0"))
