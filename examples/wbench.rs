@@ -62,6 +62,31 @@ fn main() -> Result<()> {
         let wg = best(2, || {
             winograd::conv3x3(&xs, (n, cin, hw, hw), winograd::Taps::F32(&tm), cout, None);
         });
+        let wb = w.to_dtype(candle_core::DType::BF16)?;
+        let lb = conv::Conv2d::new(candle_nn::Conv2d::new(wb.clone(), None, cfg))?;
+        let lbt = conv::Conv2d::new(candle_nn::Conv2d::new(wb, None, cfg))?.without_winograd();
+        let b_auto = best(2, || {
+            candle_core::Module::forward(&lb, &x).unwrap();
+        });
+        let b_taps = best(2, || {
+            candle_core::Module::forward(&lbt, &x).unwrap();
+        });
+        let tm16: Vec<half::bf16> = tm.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let b_wino = best(2, || {
+            winograd::conv3x3(
+                &xs,
+                (n, cin, hw, hw),
+                winograd::Taps::Bf16(&tm16),
+                cout,
+                None,
+            );
+        });
+        println!(
+            "{name:22} bf16 weights: layer {:8.1} ms, taps only {:8.1} ms, winograd {:8.1} ms",
+            b_auto * 1e3,
+            b_taps * 1e3,
+            b_wino * 1e3
+        );
         println!(
             "{name:22} taps {:8.1} ms ({:4.0} GF/s)  winograd {:8.1} ms ({:4.0} eff GF/s) speedup {:.2}x",
             taps * 1e3,
