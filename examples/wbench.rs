@@ -1,4 +1,4 @@
-//! Winograd F(4×4, 3×3) against the tap-GEMM convolution and candle's on the SD layer shapes
+//! Winograd F(4×4, 3×3) and F(2×2, 3×3) against the tap-GEMM convolution and candle's on the SD layer shapes
 //! (the Winograd time includes transforming the weights, as every call does):
 //! `cargo run --release --example wbench [filter]`.
 use candle_core::{Device, Result, Tensor};
@@ -59,9 +59,13 @@ fn main() -> Result<()> {
             .flatten_all()?
             .to_vec1::<f32>()?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let wg = best(2, || {
-            winograd::conv3x3(&xs, (n, cin, hw, hw), winograd::Taps::F32(&tm), cout, None);
-        });
+        let dims = (n, cin, hw, hw);
+        let wino = |tile| {
+            best(2, || {
+                winograd::conv3x3(&xs, dims, winograd::Taps::F32(&tm), cout, None, tile);
+            })
+        };
+        let (wg, wg2) = (wino(winograd::Tile::F4), wino(winograd::Tile::F2));
         let wb = w.to_dtype(candle_core::DType::BF16)?;
         let lb = conv::Conv2d::new(candle_nn::Conv2d::new(wb.clone(), None, cfg))?;
         let lbt = conv::Conv2d::new(candle_nn::Conv2d::new(wb, None, cfg))?.without_winograd();
@@ -73,13 +77,8 @@ fn main() -> Result<()> {
         });
         let tm16: Vec<half::bf16> = tm.iter().map(|&v| half::bf16::from_f32(v)).collect();
         let b_wino = best(2, || {
-            winograd::conv3x3(
-                &xs,
-                (n, cin, hw, hw),
-                winograd::Taps::Bf16(&tm16),
-                cout,
-                None,
-            );
+            let taps = winograd::Taps::Bf16(&tm16);
+            winograd::conv3x3(&xs, dims, taps, cout, None, winograd::Tile::F4);
         });
         println!(
             "{name:22} bf16 weights: layer {:8.1} ms, taps only {:8.1} ms, winograd {:8.1} ms",
@@ -88,12 +87,14 @@ fn main() -> Result<()> {
             b_wino * 1e3
         );
         println!(
-            "{name:22} taps {:8.1} ms ({:4.0} GF/s)  winograd {:8.1} ms ({:4.0} eff GF/s) speedup {:.2}x",
+            "{name:22} taps {:8.1} ms ({:4.0} GF/s)  winograd {:8.1} ms ({:4.0} eff GF/s) speedup {:.2}x  F(2,3) {:8.1} ms ({:.2}x)",
             taps * 1e3,
             gflop / taps,
             wg * 1e3,
             gflop / wg,
-            taps / wg
+            taps / wg,
+            wg2 * 1e3,
+            taps / wg2
         );
     }
     Ok(())

@@ -352,13 +352,17 @@ impl CustomOp1 for TapsOp {
             grid: (n * hp - kh + 1) * wp,
         };
         let x = super::f32_slice(s, l, "conv")?;
-        if self.1 && kh == 3 && kw == 3 && p == 1 && winograd::pays(n, h, wd) {
+        let tile = (self.1 && kh == 3 && kw == 3 && p == 1)
+            .then(|| winograd::pays(n, h, wd))
+            .flatten();
+        if let Some(tile) = tile {
             let taps = match &pc.w {
                 TapWeights::F32(w) => winograd::Taps::F32(w),
                 TapWeights::Widen(w) => winograd::Taps::Bf16(w),
                 TapWeights::Pairs(w) => winograd::Taps::Pairs(w),
             };
-            let out = winograd::conv3x3(x, (n, cin, h, wd), taps, pc.cout, pc.bias.as_deref());
+            let dims = (n, cin, h, wd);
+            let out = winograd::conv3x3(x, dims, taps, pc.cout, pc.bias.as_deref(), tile);
             return Ok((CpuStorage::F32(out), Shape::from((n, pc.cout, ho, wo))));
         }
         let plane = h * wd;
@@ -435,8 +439,9 @@ mod tests {
         Ok(())
     }
 
-    /// Both bf16 paths against candle's f32 convolution of the bf16-rounded operands: only the
-    /// summation order differs, so the error stays at f32 rounding level.
+    /// Both bf16 paths of the tap kernels (Winograd off: it is tested below) against candle's
+    /// f32 convolution of the bf16-rounded operands: only the summation order differs, so the
+    /// error stays at f32 rounding level.
     #[test]
     fn bf16_conv_matches_f32_conv_of_rounded_operands() -> Result<()> {
         let dev = Device::Cpu;
@@ -451,7 +456,7 @@ mod tests {
             };
             for path in [Path::Dot, Path::Widen] {
                 let inner = nn::Conv2d::new(wt.clone(), Some(bias.clone()), cfg);
-                let conv = Conv2d::with_path(inner, path)?;
+                let conv = Conv2d::with_path(inner, path)?.without_winograd();
                 let got = conv.forward(&x)?;
                 // Dot rounds its input to bf16 too; Widen keeps it f32.
                 let xin = if path == Path::Dot {
@@ -482,7 +487,7 @@ mod tests {
             (2usize, 5usize, 7usize, 33usize, 30usize),
             (1, 16, 9, 40, 29),
         ] {
-            assert!(winograd::pays(n, h, w));
+            assert_eq!(winograd::pays(n, h, w), Some(winograd::Tile::F4));
             let x = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1.0, (cout, cin, 3, 3), &dev)?.to_dtype(DType::BF16)?;
             let bias = Tensor::randn(0f32, 1.0, cout, &dev)?.to_dtype(DType::BF16)?;

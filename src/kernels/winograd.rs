@@ -1,5 +1,5 @@
 //! 3×3 convolution (stride 1, padding 1) by Winograd's minimal filtering F(4×4, 3×3) (Lavin &
-//! Gray, 2016). A 4×4 output tile needs a 6×6 input patch; in the transformed domain the
+//! Gray, 2016), and F(2×2, 3×3) where fewer, smaller tiles fit (see [`pays`]). A 4×4 output tile needs a 6×6 input patch; in the transformed domain the
 //! convolution becomes 36 independent products, one per point of the 6×6 grid, and summed over
 //! input channels those are 36 GEMMs (`cout × cin` · `cin × tiles`). That is 36 multiplies per
 //! 16 outputs per channel pair instead of 144: the GEMM work of a 3×3 convolution drops 4×,
@@ -25,15 +25,49 @@ const P: usize = A * A;
 /// Tiles per chunk aimed at: the GEMMs' `n`.
 const CHUNK_TILES: usize = 256;
 
-/// Whether an `n × h × w` input is worth the Winograd path: it needs enough 4×4 tiles for
-/// its 4× smaller GEMMs to repay transforming the weights on every call. Measured (2 cores,
-/// per call incl. the weight transform, `examples/wbench.rs`): 2×640² channels at 32² (128
-/// tiles) 1.76× the speed of the tap GEMMs, 2×1280² at 16² (32 tiles) 0.99×, at 8² 0.35×.
-/// `EASEL_WINOGRAD=0` turns it off (to compare).
-pub fn pays(n: usize, h: usize, w: usize) -> bool {
+/// The two tile sizes: F(4×4, 3×3) (6×6 transformed tiles, 36 GEMMs, 4× fewer multiplies)
+/// and F(2×2, 3×3) (4×4, 16 GEMMs, 2.25× fewer): the smaller one transforms 16/9 of the
+/// weights per call instead of 36/9, which is what pays on the weight-heavy 16² level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tile {
+    F4,
+    F2,
+}
+
+impl Tile {
+    /// Output tile side.
+    fn m(self) -> usize {
+        match self {
+            Tile::F4 => 4,
+            Tile::F2 => 2,
+        }
+    }
+
+    /// Points of the transformed tile.
+    fn points(self) -> usize {
+        (self.m() + 2) * (self.m() + 2)
+    }
+}
+
+/// The Winograd variant worth using for an `n × h × w` input, if any: there must be enough
+/// tiles for the smaller GEMMs to repay transforming the weights on every call. Measured (2
+/// cores, per call incl. the weight transform, `examples/wbench.rs`): F(4,3) on 2×640²
+/// channels at 32² (128 tiles) 1.76× the speed of the tap GEMMs, on 2×1280² at 16² (32
+/// tiles) 0.99×, at 8² 0.35×; F(2,3) on 2×1280² at 16² (128 of its tiles) 1.35× (F(4,3) there 0.97×).
+/// `EASEL_WINOGRAD=0` turns both off (to compare).
+pub fn pays(n: usize, h: usize, w: usize) -> Option<Tile> {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("EASEL_WINOGRAD").map_or(true, |v| v != "0"))
-        && n * h.div_ceil(4) * w.div_ceil(4) >= 64
+    if !*ON.get_or_init(|| std::env::var("EASEL_WINOGRAD").map_or(true, |v| v != "0")) {
+        return None;
+    }
+    let tiles = |m: usize| n * h.div_ceil(m) * w.div_ceil(m);
+    if tiles(4) >= 64 {
+        Some(Tile::F4)
+    } else if tiles(2) >= 128 {
+        Some(Tile::F2)
+    } else {
+        None
+    }
 }
 
 /// Most bytes of Winograd-domain weights held at once: wider layers are done in blocks of
@@ -98,10 +132,12 @@ fn transform_weights_into(
     cin: usize,
     rows: std::ops::Range<usize>,
     u: &mut [f32],
+    tile: Tile,
 ) {
     let size = rows.len() * cin;
     let base = rows.start * cin;
-    assert!(u.len() >= P * size, "winograd: weight buffer size");
+    let np = tile.points();
+    assert!(u.len() >= np * size, "winograd: weight buffer size");
     let out = SendPtr(u.as_mut_ptr());
     (0..size.div_ceil(WL)).into_par_iter().for_each(|b| {
         let out = &out;
@@ -113,10 +149,13 @@ fn transform_weights_into(
             taps.read(cout, cin, t, base + e0, &mut d[..len]);
         }
         let mut local = vec![0f32; (P + 18) * WL];
-        weights_block(&g, &mut local);
-        for (p, src) in local.chunks_exact(WL).take(P).enumerate() {
+        match tile {
+            Tile::F4 => weights_block(&g, &mut local),
+            Tile::F2 => weights_block2(&g, &mut local),
+        }
+        for (p, src) in local.chunks_exact(WL).take(np).enumerate() {
             // SAFETY: block `b` writes elements e0..e1 of each point's matrix, disjoint from
-            // every other block, inside `u` (at least P · size long).
+            // every other block, inside `u` (at least np · size long).
             unsafe {
                 std::ptr::copy_nonoverlapping(src.as_ptr(), out.0.add(p * size + e0), len);
             }
@@ -166,9 +205,41 @@ dispatch! {
     }
 }
 
+/// `G·f` for F(2,3): 3 taps → 4 points.
+#[inline(always)]
+fn g_side2(f0: f32, f1: f32, f2: f32) -> [f32; 4] {
+    [f0, (f0 + f1 + f2) * 0.5, (f0 - f1 + f2) * 0.5, f2]
+}
+
+dispatch! {
+    /// [`weights_block`] for F(2,3): `out` gets 16 points × WL, then 12 × WL of scratch.
+    fn weights_block2(g: &[f32], out: &mut [f32]) {
+        let (out, h) = out.split_at_mut(16 * WL);
+        let g = &g[..9 * WL];
+        for kx in 0..3 {
+            for e in 0..WL {
+                let c = g_side2(g[kx * WL + e], g[(3 + kx) * WL + e], g[(6 + kx) * WL + e]);
+                for xi in 0..4 {
+                    h[(xi * 3 + kx) * WL + e] = c[xi];
+                }
+            }
+        }
+        for xi in 0..4 {
+            for e in 0..WL {
+                let hx = |kx: usize| h[(xi * 3 + kx) * WL + e];
+                let r = g_side2(hx(0), hx(1), hx(2));
+                for nu in 0..4 {
+                    out[(xi * 4 + nu) * WL + e] = r[nu];
+                }
+            }
+        }
+    }
+}
+
 /// Tile-grid geometry of one call.
 #[derive(Clone, Copy)]
 struct Grid {
+    tile: Tile,
     h: usize,
     w: usize,
     /// Tile rows per image and tiles per tile row.
@@ -183,8 +254,9 @@ pub fn conv3x3(
     taps: Taps,
     cout: usize,
     bias: Option<&[f32]>,
+    tile: Tile,
 ) -> Vec<f32> {
-    conv3x3_capped(x, dims, taps, cout, bias, U_CAP_BYTES)
+    conv3x3_capped(x, dims, taps, cout, bias, tile, U_CAP_BYTES)
 }
 
 fn conv3x3_capped(
@@ -193,15 +265,19 @@ fn conv3x3_capped(
     taps: Taps,
     cout: usize,
     bias: Option<&[f32]>,
+    tile: Tile,
     cap_bytes: usize,
 ) -> Vec<f32> {
     assert_eq!(x.len(), n * cin * h * w, "winograd: input size");
+    let m = tile.m();
     let g = Grid {
         h,
         w,
-        th: h.div_ceil(4),
-        tw: w.div_ceil(4),
+        th: h.div_ceil(m),
+        tw: w.div_ceil(m),
+        tile,
     };
+    let np = tile.points();
     let mut out = super::zeroed(n * cout * h * w);
     if out.is_empty() || cin == 0 {
         return out;
@@ -211,19 +287,19 @@ fn conv3x3_capped(
     // Whole tile rows per chunk, about CHUNK_TILES tiles, and at least one chunk per thread.
     let per = (CHUNK_TILES / g.tw).clamp(1, rows.div_ceil(threads));
     // Output channels per block of weights.
-    let cb = (cap_bytes / (4 * P * cin)).clamp(1, cout);
+    let cb = (cap_bytes / (4 * np * cin)).clamp(1, cout);
     let mut pool = U_POOL.try_lock().ok();
     let mut own = Vec::new();
     // Another conv in flight (tests run in parallel) gets a buffer of its own.
     let u = pool.as_deref_mut().unwrap_or(&mut own);
-    if u.len() < P * cb * cin {
-        *u = vec![0f32; P * cb * cin];
+    if u.len() < np * cb * cin {
+        *u = vec![0f32; np * cb * cin];
     }
     let dst = SendPtr(out.as_mut_ptr());
     for co0 in (0..cout).step_by(cb) {
         let co = co0..(co0 + cb).min(cout);
-        transform_weights_into(taps, cout, cin, co.clone(), u);
-        let u = &u[..P * co.len() * cin];
+        transform_weights_into(taps, cout, cin, co.clone(), u, tile);
+        let u = &u[..np * co.len() * cin];
         (0..rows.div_ceil(per))
             .into_par_iter()
             .for_each_init(Buffers::default, |bufs, c| {
@@ -253,7 +329,7 @@ impl Buffers {
     }
 }
 
-/// One chunk of tile rows: transform the input, 36 GEMMs, transform back into `out`.
+/// One chunk of tile rows: transform the input, 36 (or 16) GEMMs, transform back into `out`.
 #[allow(clippy::too_many_arguments)]
 fn chunk(
     x: &[f32],
@@ -270,28 +346,23 @@ fn chunk(
     let tw = g.tw;
     let tiles = rows.len() * tw;
     let plane = g.h * g.w;
-    // V: 36 × cin × tiles; M: 36 × cout × tiles.
-    let v = Buffers::take(&mut bufs.v, P * cin * tiles);
+    let (np, mt) = (g.tile.points(), g.tile.m());
+    // V: points × cin × tiles; M: points × cout × tiles.
+    let v = Buffers::take(&mut bufs.v, np * cin * tiles);
     let scratch = Buffers::take(&mut bufs.scratch, 52 * (tw + 1));
     for ci in 0..cin {
         for (k, r) in rows.clone().enumerate() {
             let (i, ty) = (r / g.th, r % g.th);
             let src = &x[(i * cin + ci) * plane..][..plane];
-            input_row(
-                src,
-                g.h,
-                g.w,
-                ty,
-                tw,
-                scratch,
-                v,
-                ci * tiles + k * tw,
-                cin * tiles,
-            );
+            let (at, stride) = (ci * tiles + k * tw, cin * tiles);
+            match g.tile {
+                Tile::F4 => input_row(src, g.h, g.w, ty, tw, scratch, v, at, stride),
+                Tile::F2 => input_row2(src, g.h, g.w, ty, tw, scratch, v, at, stride),
+            }
         }
     }
-    let m = Buffers::take(&mut bufs.m, P * cout * tiles);
-    for p in 0..P {
+    let m = Buffers::take(&mut bufs.m, np * cout * tiles);
+    for p in 0..np {
         // SAFETY: U_p is cout × cin, V_p cin × tiles and M_p cout × tiles, all row-major
         // inside their buffers; M is this task's own.
         unsafe {
@@ -317,14 +388,18 @@ fn chunk(
         for (k, r) in rows.clone().enumerate() {
             let (i, ty) = (r / g.th, r % g.th);
             let base = (i * cout_all + oc) * plane;
-            let ys = 4 * ty..(4 * ty + 4).min(g.h);
+            let ys = mt * ty..(mt * ty + mt).min(g.h);
             // SAFETY: output rows ys of channel oc of image i belong to tile row r and channel
             // block `chans`, which only this chunk covers; the range lies inside `out`
             // (n · cout_all · plane long).
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(out.0.add(base + ys.start * g.w), ys.len() * g.w)
             };
-            output_row(m, co * tiles + k * tw, cout * tiles, tw, g.w, b, row, dst);
+            let (at, stride) = (co * tiles + k * tw, cout * tiles);
+            match g.tile {
+                Tile::F4 => output_row(m, at, stride, tw, g.w, b, row, dst),
+                Tile::F2 => output_row2(m, at, stride, tw, g.w, b, row, dst),
+            }
         }
     }
 }
@@ -397,6 +472,115 @@ dispatch! {
             }
         }
     }
+}
+
+dispatch! {
+    /// [`input_row`] for F(2,3): tile row `ty` covers input rows 2ty − 1 .. 2ty + 3, tile `t`
+    /// columns 2t − 1 .. 2t + 3, split into two phases.
+    #[allow(clippy::too_many_arguments)]
+    fn input_row2(
+        src: &[f32],
+        h: usize,
+        w: usize,
+        ty: usize,
+        tw: usize,
+        scratch: &mut [f32],
+        v: &mut [f32],
+        at: usize,
+        stride: usize
+    ) {
+        let s = tw + 1;
+        let n = 2 * s;
+        let (pad, rest) = scratch.split_at_mut(n);
+        let (a, rest) = rest.split_at_mut(4 * n);
+        let (z, _) = rest.split_at_mut(4 * n);
+        for i in 0..4 {
+            let y = (2 * ty + i) as isize - 1;
+            pad.fill(0.0);
+            if y >= 0 && (y as usize) < h {
+                let y = y as usize;
+                pad[1..1 + w].copy_from_slice(&src[y * w..(y + 1) * w]);
+            }
+            let (a0, a1) = a[i * n..(i + 1) * n].split_at_mut(s);
+            for (t, q) in pad.chunks_exact(2).enumerate() {
+                a0[t] = q[0];
+                a1[t] = q[1];
+            }
+        }
+        // Bᵀ down the columns, then along the rows over the phases (columns 2t−1+c are
+        // a_0[t], a_1[t], a_0[t+1], a_1[t+1]).
+        for e in 0..n {
+            let b = bt2(a[e], a[n + e], a[2 * n + e], a[3 * n + e]);
+            for j in 0..4 {
+                z[j * n + e] = b[j];
+            }
+        }
+        for j in 0..4 {
+            let (p0, p1) = z[j * n..(j + 1) * n].split_at(s);
+            for t in 0..tw {
+                let b = bt2(p0[t], p1[t], p0[t + 1], p1[t + 1]);
+                for k in 0..4 {
+                    v[(j * 4 + k) * stride + at + t] = b[k];
+                }
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// [`output_row`] for F(2,3): `dst` holds the (up to 2) output rows.
+    #[allow(clippy::too_many_arguments)]
+    fn output_row2(
+        m: &[f32],
+        at0: usize,
+        stride: usize,
+        tw: usize,
+        w: usize,
+        bias: f32,
+        scratch: &mut [f32],
+        dst: &mut [f32]
+    ) {
+        let (o, rest) = scratch.split_at_mut(4 * tw);
+        let (line, rest) = rest.split_at_mut(2 * tw);
+        let s = &mut rest[..8 * tw];
+        for xi in 0..4 {
+            let mp = |nu: usize| &m[(xi * 4 + nu) * stride + at0..][..tw];
+            let (q0, q1, q2, q3) = (mp(0), mp(1), mp(2), mp(3));
+            for t in 0..tw {
+                let r = at2(q0[t], q1[t], q2[t], q3[t]);
+                for k in 0..2 {
+                    s[(xi * 2 + k) * tw + t] = r[k];
+                }
+            }
+        }
+        for e in 0..2 * tw {
+            let r = at2(s[e], s[2 * tw + e], s[4 * tw + e], s[6 * tw + e]);
+            for y in 0..2 {
+                o[y * 2 * tw + e] = r[y] + bias;
+            }
+        }
+        for (y, d) in dst.chunks_exact_mut(w).enumerate() {
+            let oy = &o[y * 2 * tw..(y + 1) * 2 * tw];
+            for t in 0..tw {
+                for k in 0..2 {
+                    line[2 * t + k] = oy[k * tw + t];
+                }
+            }
+            d.copy_from_slice(&line[..w]);
+        }
+    }
+}
+
+/// F(2,3)'s `Bᵀ·d` for one 4-vector.
+#[inline(always)]
+fn bt2(d0: f32, d1: f32, d2: f32, d3: f32) -> [f32; 4] {
+    [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+}
+
+/// F(2,3)'s `Aᵀ·m` for one 4-vector.
+#[inline(always)]
+fn at2(m0: f32, m1: f32, m2: f32, m3: f32) -> [f32; 2] {
+    [m0 + m1 + m2, m1 - m2 - m3]
 }
 
 /// `Bᵀ·d` for one 6-vector.
@@ -525,21 +709,25 @@ mod tests {
                 }
             }
             // Sums of 9·cin unit-variance products (|y| up to ~5·sqrt(9·cin)); F(4,3)'s f32
-            // error is a few ulps of that.
+            // error is a few ulps of that (F(2,3)'s smaller).
             let tol = 2e-6 * (9.0 * cin as f32).sqrt() * 20.0;
-            for (name, taps, cap) in [
-                ("f32", Taps::F32(&tm), U_CAP_BYTES),
-                ("f32 blocks", Taps::F32(&tm), 4 * P * cin * 3),
-                ("bf16", Taps::Bf16(&bf), U_CAP_BYTES),
-                ("pairs", Taps::Pairs(&pairs), 4 * P * cin * 2),
-            ] {
-                let got = conv3x3_capped(&xs, (n, cin, h, w), taps, cout, Some(&b), cap);
-                let got = Tensor::from_vec(got, (n, cout, h, w), &dev)?;
-                let err = crate::kernels::max_abs_diff(&got, &want)?;
-                assert!(
-                    err < tol,
-                    "{name} {n}x{cin}x{cout}x{h}x{w}: {err} (tol {tol})"
-                );
+            for tile in [Tile::F4, Tile::F2] {
+                let np = tile.points();
+                for (name, taps, cap) in [
+                    ("f32", Taps::F32(&tm), U_CAP_BYTES),
+                    ("f32 blocks", Taps::F32(&tm), 4 * np * cin * 3),
+                    ("bf16", Taps::Bf16(&bf), U_CAP_BYTES),
+                    ("pairs", Taps::Pairs(&pairs), 4 * np * cin * 2),
+                ] {
+                    let dims = (n, cin, h, w);
+                    let got = conv3x3_capped(&xs, dims, taps, cout, Some(&b), tile, cap);
+                    let got = Tensor::from_vec(got, (n, cout, h, w), &dev)?;
+                    let err = crate::kernels::max_abs_diff(&got, &want)?;
+                    assert!(
+                        err < tol,
+                        "{tile:?} {name} {n}x{cin}x{cout}x{h}x{w}: {err} (tol {tol})"
+                    );
+                }
             }
         }
         Ok(())
