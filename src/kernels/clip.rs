@@ -110,7 +110,7 @@ impl LinearOp {
         let tasks = 4 * rayon::current_num_threads().max(1);
         let chunk = n.div_ceil(tasks).div_ceil(64).max(1) * 64;
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
-        let dst = SendPtr(out.spare_capacity_mut().as_mut_ptr().cast());
+        let dst = SendPtr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
         (0..n.div_ceil(chunk)).into_par_iter().for_each(|p| {
             let n0 = p * chunk;
             let nn = chunk.min(n - n0);

@@ -10,6 +10,7 @@
 use super::bf16::{self, Path};
 use super::tiled::{self, Dims};
 use super::winograd;
+use super::SendPtr;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn as nn;
 use rayon::prelude::*;
@@ -183,16 +184,10 @@ impl PackedConv {
     }
 }
 
-/// A pointer for rayon tasks that write disjoint elements.
-struct Out<T>(*mut T);
-// SAFETY: users only write disjoint elements from different tasks.
-unsafe impl<T> Send for Out<T> {}
-unsafe impl<T> Sync for Out<T> {}
-
 /// `(cout·cin) × taps` weights (candle's order) → `taps × (cout·cin)`.
 fn tap_major<T: Copy + Default + Send + Sync>(src: &[T], size: usize, taps: usize) -> Vec<T> {
     let mut v = vec![T::default(); taps * size];
-    let out = Out(v.as_mut_ptr());
+    let out = SendPtr(v.as_mut_ptr());
     const B: usize = 1 << 14;
     (0..size.div_ceil(B)).into_par_iter().for_each(|b| {
         let out = &out;
@@ -212,7 +207,7 @@ fn tap_pairs(src: &[half::bf16], cout: usize, cin: usize, taps: usize) -> Vec<u3
     let cp = cin.div_ceil(2);
     let plane = cout * cp;
     let mut v = vec![0u32; taps * plane];
-    let out = Out(v.as_mut_ptr());
+    let out = SendPtr(v.as_mut_ptr());
     (0..cout).into_par_iter().for_each(|co| {
         let out = &out;
         let at = |ci: usize, t: usize| src[(co * cin + ci) * taps + t].to_bits() as u32;

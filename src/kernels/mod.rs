@@ -29,10 +29,10 @@ pub(crate) fn f32_slice<'a>(
 }
 
 /// An output buffer shared by rayon tasks that write disjoint parts of it.
-pub(crate) struct SendPtr(pub *mut f32);
+pub(crate) struct SendPtr<T = f32>(pub *mut T);
 // SAFETY: users only write disjoint ranges from different tasks.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
 /// `C = A·B` (m×k · k×n), or `C += A·B` with `accumulate`, on gemm's f32 kernel — the one place
 /// easel calls it. `C` is row-major with row stride `ldc`; `A` and `B` are (pointer, (row

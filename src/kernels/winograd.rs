@@ -139,28 +139,33 @@ fn transform_weights_into(
     let np = tile.points();
     assert!(u.len() >= np * size, "winograd: weight buffer size");
     let out = SendPtr(u.as_mut_ptr());
-    (0..size.div_ceil(WL)).into_par_iter().for_each(|b| {
-        let out = &out;
-        let (e0, e1) = (b * WL, ((b + 1) * WL).min(size));
-        let len = e1 - e0;
-        // Fixed-size blocks (the last one zero-padded) so the loops below vectorise.
-        let mut g = vec![0f32; 9 * WL];
-        for (t, d) in g.chunks_exact_mut(WL).enumerate() {
-            taps.read(cout, cin, t, base + e0, &mut d[..len]);
-        }
-        let mut local = vec![0f32; (P + 18) * WL];
-        match tile {
-            Tile::F4 => weights_block(&g, &mut local),
-            Tile::F2 => weights_block2(&g, &mut local),
-        }
-        for (p, src) in local.chunks_exact(WL).take(np).enumerate() {
-            // SAFETY: block `b` writes elements e0..e1 of each point's matrix, disjoint from
-            // every other block, inside `u` (at least np · size long).
-            unsafe {
-                std::ptr::copy_nonoverlapping(src.as_ptr(), out.0.add(p * size + e0), len);
+    // Fixed-size blocks (the last one zero-padded) so the loops below vectorise; each task
+    // reuses its two block buffers (this runs on every call, inside the denoising loop).
+    let init = || (vec![0f32; 9 * WL], vec![0f32; (P + 18) * WL]);
+    (0..size.div_ceil(WL))
+        .into_par_iter()
+        .for_each_init(init, |(g, local), b| {
+            let out = &out;
+            let (e0, e1) = (b * WL, ((b + 1) * WL).min(size));
+            let len = e1 - e0;
+            if len < WL {
+                g.fill(0.0);
             }
-        }
-    });
+            for (t, d) in g.chunks_exact_mut(WL).enumerate() {
+                taps.read(cout, cin, t, base + e0, &mut d[..len]);
+            }
+            match tile {
+                Tile::F4 => weights_block(g, local),
+                Tile::F2 => weights_block2(g, local),
+            }
+            for (p, src) in local.chunks_exact(WL).take(np).enumerate() {
+                // SAFETY: block `b` writes elements e0..e1 of each point's matrix, disjoint from
+                // every other block, inside `u` (at least np · size long).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), out.0.add(p * size + e0), len);
+                }
+            }
+        });
 }
 
 /// Weight elements per block of [`transform_weights_into`].
@@ -424,23 +429,8 @@ dispatch! {
         // a[i][m][t] = row (4ty − 1 + i), column 4t + m − 1: the patch rows split by phase.
         let (a, rest) = rest.split_at_mut(6 * 4 * s);
         let (z, _) = rest.split_at_mut(6 * 4 * s);
-        for i in 0..6 {
-            let y = (4 * ty + i) as isize - 1;
-            pad.fill(0.0);
-            if y >= 0 && (y as usize) < h {
-                let y = y as usize;
-                pad[1..1 + w].copy_from_slice(&src[y * w..(y + 1) * w]);
-            }
-            let ai = &mut a[i * 4 * s..(i + 1) * 4 * s];
-            let (a0, r) = ai.split_at_mut(s);
-            let (a1, r) = r.split_at_mut(s);
-            let (a2, a3) = r.split_at_mut(s);
-            for (t, q) in pad.chunks_exact(4).enumerate() {
-                a0[t] = q[0];
-                a1[t] = q[1];
-                a2[t] = q[2];
-                a3[t] = q[3];
-            }
+        for (i, ai) in a.chunks_exact_mut(4 * s).enumerate() {
+            load_phases::<4>(src, h, w, (4 * ty + i) as isize - 1, pad, ai);
         }
         // Bᵀ down the columns: z[j][m] = Σ_i Bᵀ[j][i] · a[i][m].
         let n = 4 * s;
@@ -494,18 +484,8 @@ dispatch! {
         let (pad, rest) = scratch.split_at_mut(n);
         let (a, rest) = rest.split_at_mut(4 * n);
         let (z, _) = rest.split_at_mut(4 * n);
-        for i in 0..4 {
-            let y = (2 * ty + i) as isize - 1;
-            pad.fill(0.0);
-            if y >= 0 && (y as usize) < h {
-                let y = y as usize;
-                pad[1..1 + w].copy_from_slice(&src[y * w..(y + 1) * w]);
-            }
-            let (a0, a1) = a[i * n..(i + 1) * n].split_at_mut(s);
-            for (t, q) in pad.chunks_exact(2).enumerate() {
-                a0[t] = q[0];
-                a1[t] = q[1];
-            }
+        for (i, ai) in a.chunks_exact_mut(n).enumerate() {
+            load_phases::<2>(src, h, w, (2 * ty + i) as isize - 1, pad, ai);
         }
         // Bᵀ down the columns, then along the rows over the phases (columns 2t−1+c are
         // a_0[t], a_1[t], a_0[t+1], a_1[t+1]).
@@ -559,15 +539,49 @@ dispatch! {
                 o[y * 2 * tw + e] = r[y] + bias;
             }
         }
-        for (y, d) in dst.chunks_exact_mut(w).enumerate() {
-            let oy = &o[y * 2 * tw..(y + 1) * 2 * tw];
-            for t in 0..tw {
-                for k in 0..2 {
-                    line[2 * t + k] = oy[k * tw + t];
-                }
-            }
-            d.copy_from_slice(&line[..w]);
+        interleave::<2>(o, tw, w, line, dst);
+    }
+}
+
+/// Input row `y` of a channel plane (rows outside `0..h` are the zero padding), split by
+/// column phase for an `M`-wide tile: `a[m·s + t]` is column `M·t + m − 1`, with
+/// `s = pad.len() / M` (`pad` is scratch; `a` is `M × s`).
+#[inline(always)]
+fn load_phases<const M: usize>(
+    src: &[f32],
+    h: usize,
+    w: usize,
+    y: isize,
+    pad: &mut [f32],
+    a: &mut [f32],
+) {
+    pad.fill(0.0);
+    if y >= 0 && (y as usize) < h {
+        let y = y as usize;
+        pad[1..1 + w].copy_from_slice(&src[y * w..(y + 1) * w]);
+    }
+    let s = pad.len() / M;
+    let mut it = a.chunks_exact_mut(s);
+    let mut phases: [&mut [f32]; M] = std::array::from_fn(|_| it.next().unwrap());
+    for (t, q) in pad.chunks_exact(M).enumerate() {
+        for (m, p) in phases.iter_mut().enumerate() {
+            p[t] = q[m];
         }
+    }
+}
+
+/// Writes output rows from phase-split values: row `y`, column `M·t + k` of `dst` (rows `w`
+/// wide) is `o[(y·M + k)·tw + t]`; `line` is `M·tw` of scratch.
+#[inline(always)]
+fn interleave<const M: usize>(o: &[f32], tw: usize, w: usize, line: &mut [f32], dst: &mut [f32]) {
+    for (y, d) in dst.chunks_exact_mut(w).enumerate() {
+        let oy = &o[y * M * tw..(y + 1) * M * tw];
+        for t in 0..tw {
+            for k in 0..M {
+                line[M * t + k] = oy[k * tw + t];
+            }
+        }
+        d.copy_from_slice(&line[..w]);
     }
 }
 
@@ -643,16 +657,7 @@ dispatch! {
                 o[y * 4 * tw + e] = r[y] + bias;
             }
         }
-        // Interleave the phases: output column 4t + k is o[y][k][t].
-        for (y, d) in dst.chunks_exact_mut(w).enumerate() {
-            let oy = &o[y * 4 * tw..(y + 1) * 4 * tw];
-            for t in 0..tw {
-                for k in 0..4 {
-                    line[4 * t + k] = oy[k * tw + t];
-                }
-            }
-            d.copy_from_slice(&line[..w]);
-        }
+        interleave::<4>(o, tw, w, line, dst);
     }
 }
 
