@@ -184,27 +184,31 @@ fn g_side(f0: f32, f1: f32, f2: f32) -> [f32; A] {
     ]
 }
 
-dispatch! {
-    /// `g`: 9 taps × WL elements; `out`: 36 points × WL, then 18 × WL of scratch.
-    fn weights_block(g: &[f32], out: &mut [f32]) {
-        let (out, h) = out.split_at_mut(P * WL);
-        let g = &g[..9 * WL];
-        // Down the rows (ky) first: h[xi][kx].
-        for kx in 0..3 {
-            for e in 0..WL {
-                let c = g_side(g[kx * WL + e], g[(3 + kx) * WL + e], g[(6 + kx) * WL + e]);
-                for xi in 0..A {
-                    h[(xi * 3 + kx) * WL + e] = c[xi];
-                }
+/// `G·g·Gᵀ` for a block of WL weights: `g` holds 9 taps × WL elements, `out` gets `N²`
+/// points × WL, then `3N` × WL of scratch; `side` is `G·f` along one axis (3 taps → N points).
+#[inline(always)]
+fn weights_block_with<const N: usize>(
+    g: &[f32],
+    out: &mut [f32],
+    side: impl Fn(f32, f32, f32) -> [f32; N],
+) {
+    let (out, h) = out.split_at_mut(N * N * WL);
+    let g = &g[..9 * WL];
+    // Down the rows (ky) first: h[xi][kx].
+    for kx in 0..3 {
+        for e in 0..WL {
+            let c = side(g[kx * WL + e], g[(3 + kx) * WL + e], g[(6 + kx) * WL + e]);
+            for xi in 0..N {
+                h[(xi * 3 + kx) * WL + e] = c[xi];
             }
         }
-        for xi in 0..A {
-            for e in 0..WL {
-                let hx = |kx: usize| h[(xi * 3 + kx) * WL + e];
-                let r = g_side(hx(0), hx(1), hx(2));
-                for nu in 0..A {
-                    out[(xi * A + nu) * WL + e] = r[nu];
-                }
+    }
+    for xi in 0..N {
+        for e in 0..WL {
+            let hx = |kx: usize| h[(xi * 3 + kx) * WL + e];
+            let r = side(hx(0), hx(1), hx(2));
+            for nu in 0..N {
+                out[(xi * N + nu) * WL + e] = r[nu];
             }
         }
     }
@@ -217,27 +221,16 @@ fn g_side2(f0: f32, f1: f32, f2: f32) -> [f32; 4] {
 }
 
 dispatch! {
-    /// [`weights_block`] for F(2,3): `out` gets 16 points × WL, then 12 × WL of scratch.
+    /// F(4,3) weights of one block (36 points).
+    fn weights_block(g: &[f32], out: &mut [f32]) {
+        weights_block_with::<A>(g, out, g_side)
+    }
+}
+
+dispatch! {
+    /// F(2,3) weights of one block (16 points).
     fn weights_block2(g: &[f32], out: &mut [f32]) {
-        let (out, h) = out.split_at_mut(16 * WL);
-        let g = &g[..9 * WL];
-        for kx in 0..3 {
-            for e in 0..WL {
-                let c = g_side2(g[kx * WL + e], g[(3 + kx) * WL + e], g[(6 + kx) * WL + e]);
-                for xi in 0..4 {
-                    h[(xi * 3 + kx) * WL + e] = c[xi];
-                }
-            }
-        }
-        for xi in 0..4 {
-            for e in 0..WL {
-                let hx = |kx: usize| h[(xi * 3 + kx) * WL + e];
-                let r = g_side2(hx(0), hx(1), hx(2));
-                for nu in 0..4 {
-                    out[(xi * 4 + nu) * WL + e] = r[nu];
-                }
-            }
-        }
+        weights_block_with::<4>(g, out, g_side2)
     }
 }
 
