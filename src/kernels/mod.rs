@@ -2,6 +2,7 @@
 //! never materialises the full score matrix, convolution as GEMMs without im2col, and a fused
 //! GroupNorm(+SiLU). Each falls back to the plain candle op off the fast path (non-f32, GPU).
 pub mod act;
+pub mod amx;
 pub mod attention;
 pub mod bf16;
 pub mod clip;

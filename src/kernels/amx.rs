@@ -1,0 +1,197 @@
+//! bf16 GEMM on Intel AMX tiles (`tdpbf16ps`): the same operands and contract as
+//! [`super::bf16::gemm`], at up to 1024 bf16 flops per cycle and core (16× an AVX-512 f32 FMA).
+//!
+//! Why a kernel of easel's own: the pair layout `bf16::gemm` already uses (`A` rows of pairs,
+//! `B` pair rows of consecutive columns) *is* AMX's: an `A` tile is 16 rows × 16 pairs, a `B`
+//! tile 16 pair rows × 16 columns, so both load straight from the weights and from the padded
+//! image of a convolution, every tap in place, with no packing. The micro-kernel keeps a
+//! 32 × 32 block of `C` in four tiles (2 `A` × 2 `B` loads per 4 products). Each rayon task owns
+//! a 128 × 256 block of `C` and walks `k` in chunks of 128 pairs, so the `B` strip it reuses
+//! across row strips stays in L1.
+//!
+//! Only whole tiles run here (`m`, `n` multiples of 32, `k` of 16 pairs): `bf16::gemm` sends the
+//! edges to the `vdpbf16ps` kernel. Linux hands out AMX state only on request
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), which [`available`] makes once per process.
+use super::tiled::Dims;
+use rayon::prelude::*;
+
+/// Rows and columns of one `C` block per micro-kernel call (2 × 2 tiles of 16 × 16).
+pub const BLOCK: usize = 32;
+/// Pairs per `tdpbf16ps` (a tile row is 64 bytes).
+pub const KSTEP: usize = 16;
+const MB: usize = 128;
+const NB: usize = 256;
+const KC: usize = 128;
+
+/// Whether AMX-BF16 runs here: the CPU has it, the OS saves its state, and the process was
+/// granted it. Asked once; `EASEL_AMX=0` turns it off (to compare).
+pub fn available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| std::env::var("EASEL_AMX").as_deref() != Ok("0") && request())
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request() -> bool {
+    use std::arch::x86_64::{__cpuid_count, _xgetbv};
+    // CPUID.(7,0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE; CPUID.1:ECX bit 27 OSXSAVE.
+    let l7 = __cpuid_count(7, 0);
+    let l1 = __cpuid_count(1, 0);
+    if l7.edx & (1 << 22) == 0 || l7.edx & (1 << 24) == 0 || l1.ecx & (1 << 27) == 0 {
+        return false;
+    }
+    // XCR0 bits 17 (XTILECFG) and 18 (XTILEDATA): the OS context-switches tile state.
+    // SAFETY: OSXSAVE is set, so xgetbv is allowed.
+    let xcr0 = unsafe { _xgetbv(0) };
+    if xcr0 & (3 << 17) != 3 << 17 {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain syscall with integer arguments.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn request() -> bool {
+    false
+}
+
+#[derive(Clone, Copy)]
+struct Ptrs {
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+}
+// SAFETY: tasks write disjoint blocks of `c` and only read `a`/`b`.
+unsafe impl Send for Ptrs {}
+unsafe impl Sync for Ptrs {}
+
+/// `C += Σ_parts A_part · B_part` (see [`super::bf16::gemm`]), on whole tiles only.
+///
+/// # Safety
+/// [`available`] returned true; `d.m`, `d.n` are multiples of [`BLOCK`] and `d.k` of [`KSTEP`];
+/// for every part `(ao, bo)`, `A` rows `0..m` × pairs `0..k` from `a + ao` and `B` pair rows
+/// `0..k` × columns `0..n` from `b + bo` lie inside their buffers, `C` rows `0..m` × columns
+/// `0..n` inside `c`, and nothing else touches `c` meanwhile.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn gemm(d: Dims, parts: &[(usize, usize)], a: *const u32, b: *const u32, c: *mut f32) {
+    debug_assert!(d.m % BLOCK == 0 && d.n % BLOCK == 0 && d.k % KSTEP == 0);
+    if d.m == 0 || d.n == 0 || d.k == 0 {
+        return;
+    }
+    let p = Ptrs { a, b, c };
+    let nblocks = d.n.div_ceil(NB);
+    let tasks = d.m.div_ceil(MB) * nblocks;
+    let task = move |t: usize| {
+        let p = p;
+        let (m0, n0) = ((t / nblocks) * MB, (t % nblocks) * NB);
+        let (m1, n1) = ((m0 + MB).min(d.m), (n0 + NB).min(d.n));
+        x86::configure();
+        for &(ao, bo) in parts {
+            for k0 in (0..d.k).step_by(KC) {
+                let steps = KC.min(d.k - k0) / KSTEP;
+                for j in (n0..n1).step_by(BLOCK) {
+                    let bp = p.b.add(bo + k0 * d.ldb + j);
+                    for i in (m0..m1).step_by(BLOCK) {
+                        let ap = p.a.add(ao + i * d.lda + k0);
+                        let cp = p.c.add(i * d.ldc + j);
+                        x86::block(steps, ap, d.lda, bp, d.ldb, cp, d.ldc);
+                    }
+                }
+            }
+        }
+        x86::release();
+    };
+    if tasks > 1 && rayon::current_num_threads() > 1 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::KSTEP;
+    use std::arch::asm;
+
+    /// Palette 1, all eight tiles 16 rows × 64 bytes: tmm0–3 the 2 × 2 `C` tiles (f32),
+    /// tmm4–5 two `A` row strips, tmm6–7 two `B` column strips.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    static CONFIG: Config = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64;
+            c[48 + t] = 16;
+            t += 1;
+        }
+        Config(c)
+    };
+
+    /// Loads the tile configuration on the calling thread (tile state is per thread).
+    #[inline]
+    pub(super) unsafe fn configure() {
+        asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+    }
+
+    /// Hands the thread's tile state back (so context switches stop saving 8 KiB of it).
+    #[inline]
+    pub(super) unsafe fn release() {
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// `C[0..32, 0..32] += A[0..32, 0..16·steps] · B[0..16·steps, 0..32]`; strides in elements.
+    #[inline]
+    pub(super) unsafe fn block(
+        steps: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let (sa, sb, sc) = (lda * 4, ldb * 4, ldc * 4);
+        let (c1, c2, c3) = (c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
+        asm!(
+            "tileloadd tmm0, [{c0} + {sc}*1]",
+            "tileloadd tmm1, [{c1} + {sc}*1]",
+            "tileloadd tmm2, [{c2} + {sc}*1]",
+            "tileloadd tmm3, [{c3} + {sc}*1]",
+            c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, sc = in(reg) sc,
+            options(nostack, readonly),
+        );
+        let (mut a0, mut a1) = (a, a.add(16 * lda));
+        let (mut b0, mut b1) = (b, b.add(16));
+        for _ in 0..steps {
+            asm!(
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
+                sa = in(reg) sa, sb = in(reg) sb,
+                options(nostack, readonly),
+            );
+            a0 = a0.add(KSTEP);
+            a1 = a1.add(KSTEP);
+            b0 = b0.add(KSTEP * ldb);
+            b1 = b1.add(KSTEP * ldb);
+        }
+        asm!(
+            "tilestored [{c0} + {sc}*1], tmm0",
+            "tilestored [{c1} + {sc}*1], tmm1",
+            "tilestored [{c2} + {sc}*1], tmm2",
+            "tilestored [{c3} + {sc}*1], tmm3",
+            c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, sc = in(reg) sc,
+            options(nostack),
+        );
+    }
+}
