@@ -1,0 +1,65 @@
+//! bf16 GEMM kernels on raw pair operands: `cargo run --release --example amxbench`.
+//! Prints GFLOP/s of each kernel this CPU runs on convolution- and linear-shaped products.
+use easel::kernels::bf16::{self, Dims, Kernel};
+use std::time::Instant;
+
+fn main() {
+    let mut kernels = vec![Kernel::Dot];
+    if easel::kernels::amx::available() {
+        kernels.push(Kernel::Amx);
+    }
+    // (name, m, n, k pairs, parts, ldb): parts step through B like the taps of a 3×3 conv.
+    if std::env::var("EASEL_AMXBENCH_LAYER").is_ok() {
+        use candle_core::{Device, Module, Tensor};
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 320, 64, 64), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.1, (320, 320, 3, 3), &dev).unwrap();
+        let w = w.to_dtype(candle_core::DType::BF16).unwrap();
+        let cfg = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
+        let conv = easel::kernels::Conv2d::new(candle_nn::Conv2d::new(w, None, cfg))
+            .unwrap()
+            .without_winograd();
+        let mut best = f64::INFINITY;
+        for _ in 0..30 {
+            let t = Instant::now();
+            conv.forward(&x).unwrap();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!("bf16 conv layer 2x320@64, taps: {:.2} ms", best * 1e3);
+        return;
+    }
+    let shapes = [
+        ("conv 2x320@64 (9 taps, canvas)", 320, 8580, 160, 9, 8715),
+        ("conv 2x320@64 (1 tap, ldb=n)", 320, 8576, 160, 1, 8576),
+        ("conv 2x640@32 (9 taps)", 640, 2244, 320, 9, 2315),
+        ("conv 2x1280@16 (9 taps)", 1280, 612, 640, 9, 651),
+        ("linear 8192x320->1280", 8192, 1280, 160, 1, 1280),
+        ("linear 8192x1280->320", 8192, 320, 640, 1, 320),
+    ];
+    for (name, m, n, k, parts, ldb) in shapes {
+        let a: Vec<u32> = (0..parts * m * k).map(|i| 0x3f80_3f80 ^ (i as u32 & 0x007f_007f)).collect();
+        let blen = k * ldb + 2 * ldb + 3;
+        let b: Vec<u32> = (0..blen).map(|i| 0x3f80_3f80 ^ (i as u32 & 0x007f_007f)).collect();
+        let offs: Vec<(usize, usize)> = (0..parts)
+            .map(|t| (t * m * k, if parts == 9 { (t / 3) * (ldb / 130).max(1) + t % 3 } else { 0 }))
+            .collect();
+        let mut c = vec![0f32; m * n];
+        let d = Dims { m, n, k, lda: k, ldb, ldc: n };
+        let gflop = 2.0 * (m * n * 2 * k * parts) as f64 / 1e9;
+        for &kern in &kernels {
+            let mut best = f64::INFINITY;
+            for _ in 0..12 {
+                let t = Instant::now();
+                // SAFETY: offsets stay inside a/b by construction (blen covers the last tap).
+                unsafe { bf16::gemm_with(kern, d, &offs, &a, &b, c.as_mut_ptr()) };
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!("{name:34} {kern:?}: {:7.2} ms {:6.0} GFLOP/s", best * 1e3, gflop / best);
+        }
+    }
+}
+
+/// The whole bf16 layer around the product (`EASEL_AMXBENCH_LAYER=1`): pairing the input,
+/// bias, crop.
+#[allow(dead_code)]
+fn layer() {}
