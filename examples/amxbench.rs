@@ -15,7 +15,10 @@ fn main() {
         let x = Tensor::randn(0f32, 1.0, (2, 320, 64, 64), &dev).unwrap();
         let w = Tensor::randn(0f32, 0.1, (320, 320, 3, 3), &dev).unwrap();
         let w = w.to_dtype(candle_core::DType::BF16).unwrap();
-        let cfg = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
+        let cfg = candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
         let conv = easel::kernels::Conv2d::new(candle_nn::Conv2d::new(w, None, cfg))
             .unwrap()
             .without_winograd();
@@ -28,6 +31,33 @@ fn main() {
         println!("bf16 conv layer 2x320@64, taps: {:.2} ms", best * 1e3);
         return;
     }
+    if std::env::var("EASEL_AMXBENCH_ATTN").is_ok() {
+        use candle_core::{Device, Tensor};
+        let dev = Device::Cpu;
+        for &(bh, l, lk, d) in &[
+            (16usize, 4096usize, 4096usize, 40usize),
+            (16, 4096, 77, 40),
+            (16, 1024, 1024, 80),
+        ] {
+            let q = Tensor::randn(0f32, 1.0, (bh, l, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (bh, lk, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (bh, lk, d), &dev).unwrap();
+            for (name, bf) in [("f32", false), ("bf16", true)] {
+                let mut best = f64::INFINITY;
+                for _ in 0..5 {
+                    let t = Instant::now();
+                    if bf {
+                        easel::kernels::attention_bf16(&q, &k, &v, 0.15).unwrap();
+                    } else {
+                        easel::kernels::attention(&q, &k, &v, 0.15).unwrap();
+                    }
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                println!("attention {bh}x{l}x{lk}x{d} {name}: {:.1} ms", best * 1e3);
+            }
+        }
+        return;
+    }
     let shapes = [
         ("conv 2x320@64 (9 taps, canvas)", 320, 8580, 160, 9, 8715),
         ("conv 2x320@64 (1 tap, ldb=n)", 320, 8576, 160, 1, 8576),
@@ -37,14 +67,34 @@ fn main() {
         ("linear 8192x1280->320", 8192, 320, 640, 1, 320),
     ];
     for (name, m, n, k, parts, ldb) in shapes {
-        let a: Vec<u32> = (0..parts * m * k).map(|i| 0x3f80_3f80 ^ (i as u32 & 0x007f_007f)).collect();
+        let a: Vec<u32> = (0..parts * m * k)
+            .map(|i| 0x3f80_3f80 ^ (i as u32 & 0x007f_007f))
+            .collect();
         let blen = k * ldb + 2 * ldb + 3;
-        let b: Vec<u32> = (0..blen).map(|i| 0x3f80_3f80 ^ (i as u32 & 0x007f_007f)).collect();
+        let b: Vec<u32> = (0..blen)
+            .map(|i| 0x3f80_3f80 ^ (i as u32 & 0x007f_007f))
+            .collect();
         let offs: Vec<(usize, usize)> = (0..parts)
-            .map(|t| (t * m * k, if parts == 9 { (t / 3) * (ldb / 130).max(1) + t % 3 } else { 0 }))
+            .map(|t| {
+                (
+                    t * m * k,
+                    if parts == 9 {
+                        (t / 3) * (ldb / 130).max(1) + t % 3
+                    } else {
+                        0
+                    },
+                )
+            })
             .collect();
         let mut c = vec![0f32; m * n];
-        let d = Dims { m, n, k, lda: k, ldb, ldc: n };
+        let d = Dims {
+            m,
+            n,
+            k,
+            lda: k,
+            ldb,
+            ldc: n,
+        };
         let gflop = 2.0 * (m * n * 2 * k * parts) as f64 / 1e9;
         for &kern in &kernels {
             let mut best = f64::INFINITY;
@@ -54,7 +104,11 @@ fn main() {
                 unsafe { bf16::gemm_with(kern, d, &offs, &a, &b, c.as_mut_ptr()) };
                 best = best.min(t.elapsed().as_secs_f64());
             }
-            println!("{name:34} {kern:?}: {:7.2} ms {:6.0} GFLOP/s", best * 1e3, gflop / best);
+            println!(
+                "{name:34} {kern:?}: {:7.2} ms {:6.0} GFLOP/s",
+                best * 1e3,
+                gflop / best
+            );
         }
     }
 }

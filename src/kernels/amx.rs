@@ -48,7 +48,13 @@ fn request() -> bool {
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: a plain syscall with integer arguments.
-    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
@@ -75,6 +81,24 @@ unsafe impl Sync for Ptrs {}
 /// `0..n` inside `c`, and nothing else touches `c` meanwhile.
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn gemm(d: Dims, parts: &[(usize, usize)], a: *const u32, b: *const u32, c: *mut f32) {
+    gemm_on(d, parts, a, b, c, true, false)
+}
+
+/// [`gemm`], on the calling thread only when `parallel` is false (callers already inside a
+/// rayon task); `overwrite` computes `C = Σ A·B`, ignoring what `C` held.
+///
+/// # Safety
+/// As for [`gemm`].
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn gemm_on(
+    d: Dims,
+    parts: &[(usize, usize)],
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    parallel: bool,
+    overwrite: bool,
+) {
     debug_assert!(d.m % BLOCK == 0 && d.n % BLOCK == 0 && d.k % KSTEP == 0);
     if d.m == 0 || d.n == 0 || d.k == 0 {
         return;
@@ -89,22 +113,23 @@ pub unsafe fn gemm(d: Dims, parts: &[(usize, usize)], a: *const u32, b: *const u
         let (m0, n0) = ((t / nblocks) * MB, (t % nblocks) * NB);
         let (m1, n1) = ((m0 + MB).min(d.m), (n0 + NB).min(d.n));
         x86::configure();
-        for &(ao, bo) in parts {
+        for (pi, &(ao, bo)) in parts.iter().enumerate() {
             for k0 in (0..d.k).step_by(kc) {
                 let steps = kc.min(d.k - k0) / KSTEP;
+                let load = !(overwrite && pi == 0 && k0 == 0);
                 for j in (n0..n1).step_by(BLOCK) {
                     let bp = p.b.add(bo + k0 * d.ldb + j);
                     for i in (m0..m1).step_by(BLOCK) {
                         let ap = p.a.add(ao + i * d.lda + k0);
                         let cp = p.c.add(i * d.ldc + j);
-                        x86::block(steps, ap, d.lda, bp, d.ldb, cp, d.ldc);
+                        x86::block(load, steps, ap, d.lda, bp, d.ldb, cp, d.ldc);
                     }
                 }
             }
         }
         x86::release();
     };
-    if tasks > 1 && rayon::current_num_threads() > 1 {
+    if parallel && tasks > 1 && rayon::current_num_threads() > 1 {
         (0..tasks).into_par_iter().for_each(task);
     } else {
         (0..tasks).for_each(task);
@@ -116,7 +141,6 @@ mod x86 {
     use super::KSTEP;
     use std::arch::asm;
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-
 
     #[inline(always)]
     unsafe fn prefetch(p: *const u32) {
@@ -152,9 +176,12 @@ mod x86 {
         asm!("tilerelease", options(nostack, nomem));
     }
 
-    /// `C[0..32, 0..32] += A[0..32, 0..16·steps] · B[0..16·steps, 0..32]`; strides in elements.
+    /// `C[0..32, 0..32] += A[0..32, 0..16·steps] · B[0..16·steps, 0..32]` (`=` when `load` is
+    /// false); strides in elements.
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     pub(super) unsafe fn block(
+        load: bool,
         steps: usize,
         a: *const u32,
         lda: usize,
@@ -165,14 +192,24 @@ mod x86 {
     ) {
         let (sa, sb, sc) = (lda * 4, ldb * 4, ldc * 4);
         let (c1, c2, c3) = (c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
-        asm!(
-            "tileloadd tmm0, [{c0} + {sc}*1]",
-            "tileloadd tmm1, [{c1} + {sc}*1]",
-            "tileloadd tmm2, [{c2} + {sc}*1]",
-            "tileloadd tmm3, [{c3} + {sc}*1]",
-            c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, sc = in(reg) sc,
-            options(nostack, readonly),
-        );
+        if load {
+            asm!(
+                "tileloadd tmm0, [{c0} + {sc}*1]",
+                "tileloadd tmm1, [{c1} + {sc}*1]",
+                "tileloadd tmm2, [{c2} + {sc}*1]",
+                "tileloadd tmm3, [{c3} + {sc}*1]",
+                c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, sc = in(reg) sc,
+                options(nostack, readonly),
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
         let (mut a0, mut a1) = (a, a.add(16 * lda));
         let (mut b0, mut b1) = (b, b.add(16));
         for s in 0..steps {

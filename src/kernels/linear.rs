@@ -122,6 +122,15 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vs: nn::VarBuilder) -> Resu
 }
 
 impl Linear {
+    /// Whether the weights are bf16 on the CPU (the layer belongs to a `--dtype bf16` model).
+    pub fn is_bf16(&self) -> bool {
+        match &self.kind {
+            Kind::Candle(l) => l.weight().dtype() == DType::BF16,
+            Kind::Dot { .. } => true,
+            Kind::Cpu(c) => matches!(c.w, Weight::Bf16(_)),
+        }
+    }
+
     pub fn new(inner: nn::Linear) -> Result<Self> {
         Self::with_path(inner, bf16::path())
     }

@@ -13,7 +13,7 @@ pub mod simd;
 pub mod tiled;
 pub mod winograd;
 
-pub use attention::attention;
+pub use attention::{attention, attention_bf16};
 
 use candle_core::{CpuStorage, Layout};
 

@@ -202,7 +202,11 @@ impl CrossAttention {
                 .to_dtype(init_dtype)?
         } else {
             // Blocked over queries on the CPU: never materialises (len × len) per head.
-            crate::kernels::attention(query, key, value, self.scale)?
+            if self.to_q.is_bf16() {
+                crate::kernels::attention_bf16(query, key, value, self.scale)?
+            } else {
+                crate::kernels::attention(query, key, value, self.scale)?
+            }
         };
         self.reshape_batch_dim_to_heads(&xs)
     }
@@ -540,7 +544,11 @@ impl Module for AttentionBlock {
         };
         let (q, k, v) = (flat(query_proj)?, flat(key_proj)?, flat(value_proj)?);
         let scale = f64::powf(self.channels as f64 / self.num_heads as f64, -0.5);
-        let xs = crate::kernels::attention(&q, &k, &v, scale)?;
+        let xs = if self.query.is_bf16() {
+            crate::kernels::attention_bf16(&q, &k, &v, scale)?
+        } else {
+            crate::kernels::attention(&q, &k, &v, scale)?
+        };
         let xs = xs.reshape((b, h, t, xs.dim(2)?))?;
         let xs = xs.to_dtype(in_dtype)?;
         let xs = xs.transpose(1, 2)?.contiguous()?;
