@@ -99,7 +99,9 @@ pub unsafe fn gemm_on(
     parallel: bool,
     overwrite: bool,
 ) {
-    debug_assert!(d.m % BLOCK == 0 && d.n % BLOCK == 0 && d.k % KSTEP == 0);
+    debug_assert!(
+        d.m.is_multiple_of(BLOCK) && d.n.is_multiple_of(BLOCK) && d.k.is_multiple_of(KSTEP)
+    );
     if d.m == 0 || d.n == 0 || d.k == 0 {
         return;
     }
