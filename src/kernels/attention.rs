@@ -437,6 +437,30 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    type Shape5 = (usize, usize, usize, usize, usize);
+
+    /// Max abs error against candle's attention for each (batch, queries, keys, dim, dim_v) on
+    /// random N(0, 1) inputs, `f` being the attention under test.
+    fn errors(
+        shapes: &[Shape5],
+        f: fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>,
+    ) -> Result<Vec<(Shape5, f32)>> {
+        let dev = Device::Cpu;
+        let mut out = vec![];
+        for &(b, lq, lk, d, dv) in shapes {
+            let q = Tensor::randn(0f32, 1.0, (b, lq, d), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (b, lk, d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (b, lk, dv), &dev)?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let err = crate::kernels::max_abs_diff(
+                &f(&q, &k, &v, scale)?,
+                &reference(&q, &k, &v, scale)?,
+            )?;
+            out.push(((b, lq, lk, d, dv), err));
+        }
+        Ok(out)
+    }
+
     /// The AMX path (bf16 operands) against the f32 reference: the error is bf16 rounding of
     /// Q, K, V and the weights (≈ 2⁻⁹ relative), not a wrong sum; the head dimensions and key
     /// counts leave every kind of padding (40 → 64, 77 → 96 keys, odd sizes).
@@ -446,26 +470,19 @@ mod tests {
             eprintln!("note: no AMX on this CPU; the AMX attention is not exercised here");
             return Ok(());
         }
-        let dev = Device::Cpu;
-        for &(b, lq, lk, d, dv) in &[
+        let shapes = [
             (1, 1, 1, 1, 1),
             (3, 37, 77, 40, 40),
             (2, 300, 300, 17, 9),
             (2, 256, 1024, 80, 80),
             (1, 70, 64, 160, 160),
-        ] {
-            let q = Tensor::randn(0f32, 1.0, (b, lq, d), &dev)?;
-            let k = Tensor::randn(0f32, 1.0, (b, lk, d), &dev)?;
-            let v = Tensor::randn(0f32, 1.0, (b, lk, dv), &dev)?;
-            let scale = 1.0 / (d as f64).sqrt();
-            let got = attention_bf16(&q, &k, &v, scale)?;
-            let want = reference(&q, &k, &v, scale)?;
-            let err = crate::kernels::max_abs_diff(&got, &want)?;
+        ];
+        for (shape, err) in errors(&shapes, attention_bf16)? {
             // Outputs are weighted means of N(0, 1) values: |y| ≲ 3; bf16 keeps 8 bits.
-            assert!(err < 3e-2, "{b}x{lq}x{lk}x{d}x{dv}: {err}");
+            assert!(err < 3e-2, "{shape:?}: {err}");
             // And it is not the f32 path by accident: bf16 rounding shows.
-            if lk > 1 {
-                assert!(err > 1e-5, "{b}x{lq}x{lk}x{d}x{dv}: {err} (f32 path?)");
+            if shape.2 > 1 {
+                assert!(err > 1e-5, "{shape:?}: {err} (f32 path?)");
             }
         }
         Ok(())
@@ -473,23 +490,16 @@ mod tests {
 
     #[test]
     fn matches_candle_on_odd_shapes() -> Result<()> {
-        let dev = Device::Cpu;
-        for &(b, lq, lk, d, dv) in &[
+        let shapes = [
             (1, 1, 1, 1, 1),
             (3, 37, 77, 40, 40),
             (2, 300, 300, 17, 9),
             (5, 129, 1000, 64, 64),
             // Key counts a multiple of 256: rows of Kᵀ and the scores are padded.
             (2, 70, 512, 40, 40),
-        ] {
-            let q = Tensor::randn(0f32, 1.0, (b, lq, d), &dev)?;
-            let k = Tensor::randn(0f32, 1.0, (b, lk, d), &dev)?;
-            let v = Tensor::randn(0f32, 1.0, (b, lk, dv), &dev)?;
-            let scale = 1.0 / (d as f64).sqrt();
-            let got = attention(&q, &k, &v, scale)?;
-            let want = reference(&q, &k, &v, scale)?;
-            let err = crate::kernels::max_abs_diff(&got, &want)?;
-            assert!(err < 1e-5, "{b}x{lq}x{lk}x{d}x{dv}: {err}");
+        ];
+        for (shape, err) in errors(&shapes, attention)? {
+            assert!(err < 1e-5, "{shape:?}: {err}");
         }
         Ok(())
     }
