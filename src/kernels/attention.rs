@@ -246,7 +246,9 @@ impl Sdpa {
                 }
             });
         // Query rows per task, a multiple of 32: the score block (≤ 1 MiB) stays in L2.
+        // (No more than the queries need: the UNet's 8² level has 64.)
         let qb = ((1 << 20) / (lkp * 4)).clamp(32, 256) / amx::BLOCK * amx::BLOCK;
+        let qb = qb.min(lq.next_multiple_of(amx::BLOCK));
         let nblk = lq.div_ceil(qb);
         let mut out = vec![0f32; b * lq * dv];
         let dst = SendPtr(out.as_mut_ptr());

@@ -137,13 +137,15 @@ pub enum Kernel {
     Fallback,
 }
 
-/// AMX where it runs unless `EASEL_BF16_GEMM=dot`, else `vdpbf16ps` where that runs.
+/// AMX where it runs unless `EASEL_BF16_GEMM` asks for `dot` or `widen` (which then keeps the
+/// bf16 model's attention f32 as well), else `vdpbf16ps` where that runs.
 pub fn kernel() -> Kernel {
     static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
-        let dot = std::env::var("EASEL_BF16_GEMM").as_deref() == Ok("dot");
+        let env = std::env::var("EASEL_BF16_GEMM");
+        let no_amx = matches!(env.as_deref(), Ok("dot") | Ok("widen"));
         match () {
-            _ if native() && !dot && amx::available() => Kernel::Amx,
+            _ if native() && !no_amx && amx::available() => Kernel::Amx,
             _ if native() => Kernel::Dot,
             _ => Kernel::Fallback,
         }
