@@ -259,6 +259,11 @@ struct TapsOp(Arc<PackedConv>, bool);
 impl TapsOp {
     /// `fill(b)` lays the batch out as `B` (one canvas row of `cs` per channel or pair), `mm`
     /// sums the taps into the accumulator, which is then cropped into the output.
+    ///
+    /// The product covers `grid` rounded up to `pad` columns (32 on AMX, so that no column
+    /// remainder falls to the slower `vdpbf16ps` edge kernel: the 8² level's 180-column grid left
+    /// 20 there); the extra columns read the next canvas row (or `B`'s slack) and are dropped.
+    #[allow(clippy::too_many_arguments)]
     fn run<A, E: Copy + Default + Send + Sync>(
         &self,
         g: &Geometry,
@@ -266,27 +271,29 @@ impl TapsOp {
         w: &[A],
         fill: impl FnOnce(&mut [E]),
         mm: TapGemm<A, E>,
+        pad: usize,
     ) -> Vec<f32> {
         let pc = &*self.0;
         let (cout, kw) = (pc.cout, pc.kw);
-        let mut b = vec![E::default(); rows * g.cs];
-        fill(&mut b);
-        let mut acc = super::zeroed(cout * g.grid);
-        fill_rows(&mut acc, g.grid, pc.bias.as_deref());
+        let ldc = g.grid.next_multiple_of(pad);
+        let mut b = vec![E::default(); rows * g.cs + (ldc - g.grid)];
+        fill(&mut b[..rows * g.cs]);
+        let mut acc = super::zeroed(cout * ldc);
+        fill_rows(&mut acc, ldc, pc.bias.as_deref());
         let parts: Vec<(usize, usize)> = (0..pc.kh * kw)
             .map(|t| (t * cout * rows, (t / kw) * g.wp + t % kw))
             .collect();
         let dims = Dims {
             m: cout,
-            n: g.grid,
+            n: ldc,
             k: rows,
             lda: rows,
             ldb: g.cs,
-            ldc: g.grid,
+            ldc,
         };
-        // SAFETY: the largest B index is (rows-1)*cs + (kh-1)*wp + kw-1 + grid-1
-        // = (rows-1)*cs + n*hp*wp + kw-2 < rows*cs as cs = n*hp*wp + kw; A is taps × cout ×
-        // rows and C exactly cout × grid.
+        // SAFETY: the largest B index is (rows-1)*cs + (kh-1)*wp + kw-1 + ldc-1
+        // = (rows-1)*cs + n*hp*wp + kw-2 + (ldc-grid) < rows*cs + (ldc-grid) = b.len() as
+        // cs = n*hp*wp + kw; A is taps × cout × rows and C exactly cout × ldc.
         unsafe { mm(dims, &parts, w, &b, acc.as_mut_ptr()) };
         drop(b);
         let plane = g.ho * g.wo;
@@ -295,7 +302,7 @@ impl TapsOp {
             // are 134 MB each). Rows only move left, so in order is safe.
             for co in 0..cout {
                 for y in 0..g.ho {
-                    let from = co * g.grid + y * g.wp;
+                    let from = co * ldc + y * g.wp;
                     acc.copy_within(from..from + g.wo, (co * g.ho + y) * g.wo);
                 }
             }
@@ -306,7 +313,7 @@ impl TapsOp {
         let mut out = super::zeroed(g.n * cout * plane);
         out.par_chunks_mut(plane).enumerate().for_each(|(ic, d)| {
             let (i, co) = (ic / cout, ic % cout);
-            let a = &acc[co * g.grid..(co + 1) * g.grid];
+            let a = &acc[co * ldc..(co + 1) * ldc];
             for y in 0..g.ho {
                 let from = (i * g.hp + y) * g.wp;
                 d[y * g.wo..(y + 1) * g.wo].copy_from_slice(&a[from..from + g.wo]);
@@ -384,8 +391,8 @@ impl CustomOp1 for TapsOp {
             });
         };
         let out = match &pc.w {
-            TapWeights::F32(w) => self.run(&g, cin, w, fill_f32, tiled::gemm_f32),
-            TapWeights::Widen(w) => self.run(&g, cin, w, fill_f32, tiled::gemm_widen),
+            TapWeights::F32(w) => self.run(&g, cin, w, fill_f32, tiled::gemm_f32, 1),
+            TapWeights::Widen(w) => self.run(&g, cin, w, fill_f32, tiled::gemm_widen, 1),
             TapWeights::Pairs(w) => {
                 let fill = |b: &mut [u32]| {
                     b.par_chunks_mut(g.cs).enumerate().for_each(|(q, dst)| {
@@ -398,7 +405,12 @@ impl CustomOp1 for TapsOp {
                         }
                     });
                 };
-                self.run(&g, cin.div_ceil(2), w, fill, bf16::gemm)
+                let pad = if bf16::kernel() == bf16::Kernel::Amx {
+                    super::amx::BLOCK
+                } else {
+                    1
+                };
+                self.run(&g, cin.div_ceil(2), w, fill, bf16::gemm, pad)
             }
         };
         Ok((CpuStorage::F32(out), Shape::from((n, pc.cout, ho, wo))))
@@ -421,6 +433,9 @@ mod tests {
         (2, 8, 16, 17, 19, 3, 2),
         (2, 9, 50, 17, 19, 3, 1),
         (1, 2, 3, 10, 12, 5, 2),
+        // Big enough for AMX tiles (≥ 32 outputs, ≥ 16 input pairs), with every remainder and
+        // a grid (260 columns) that is padded to 288.
+        (2, 41, 36, 9, 11, 3, 1),
     ];
 
     #[test]
