@@ -60,6 +60,7 @@ fn main() {
     }
     let shapes = [
         ("conv 2x320@64 (9 taps, canvas)", 320, 8580, 160, 9, 8715),
+        ("conv 2x320@64 (9 taps, aligned)", 320, 8576, 160, 9, 8720),
         ("conv 2x320@64 (1 tap, ldb=n)", 320, 8576, 160, 1, 8576),
         ("conv 2x640@32 (9 taps)", 640, 2244, 320, 9, 2315),
         ("conv 2x1280@16 (9 taps)", 1280, 612, 640, 9, 651),
@@ -71,17 +72,27 @@ fn main() {
             .map(|i| 0x3f80_3f80 ^ (i as u32 & 0x007f_007f))
             .collect();
         let blen = k * ldb + 2 * ldb + 3;
-        let b: Vec<u32> = (0..blen)
-            .map(|i| 0x3f80_3f80 ^ (i as u32 & 0x007f_007f))
-            .collect();
+        let mut b = vec![0u32; blen];
+        if std::env::var("EASEL_AMXBENCH_THP").is_ok() {
+            const HUGE: usize = 2 << 20;
+            let start = (b.as_ptr() as usize).next_multiple_of(HUGE);
+            let end = (b.as_ptr() as usize + blen * 4) / HUGE * HUGE;
+            if end > start {
+                // SAFETY: advice on pages inside b's own allocation.
+                unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+            }
+        }
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = 0x3f80_3f80 ^ (i as u32 & 0x007f_007f);
+        }
         let offs: Vec<(usize, usize)> = (0..parts)
             .map(|t| {
                 (
                     t * m * k,
-                    if parts == 9 {
-                        (t / 3) * (ldb / 130).max(1) + t % 3
-                    } else {
-                        0
+                    match (parts, name.contains("aligned")) {
+                        (9, false) => (t / 3) * 66 + t % 3,
+                        (9, true) => (t / 3) * 80 + (t % 3) * 16,
+                        _ => 0,
                     },
                 )
             })
