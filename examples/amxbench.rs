@@ -79,7 +79,9 @@ fn main() {
             let end = (b.as_ptr() as usize + blen * 4) / HUGE * HUGE;
             if end > start {
                 // SAFETY: advice on pages inside b's own allocation.
-                unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+                unsafe {
+                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE)
+                };
             }
         }
         for (i, x) in b.iter_mut().enumerate() {
