@@ -3,7 +3,7 @@
 //! per-thread buffer, are soft-maxed in place and multiplied by V with `gemm`. Blocks are spread
 //! over the rayon pool, so at 512² (4096 tokens) the extra memory is a few MB instead of
 //! 16 × 4096 × 4096 floats.
-use super::simd::{exp_row, softmax_row};
+use super::simd::{exp_pairs, exp_row, softmax_row};
 #[cfg(target_arch = "x86_64")]
 use super::tiled::x86::F32Fma;
 use super::tiled::{self, Dims};
@@ -306,13 +306,12 @@ impl Sdpa {
                 }
                 let mut sums = [0f32; 256];
                 for (r, (row, pr)) in scores
-                    .chunks_exact_mut(lkp)
+                    .chunks_exact(lkp)
                     .zip(pp.chunks_exact_mut(kp))
                     .enumerate()
                     .take(rows)
                 {
-                    sums[r] = exp_row(&mut row[..lk], self.scale);
-                    pair_adjacent(&row[..lk], pr);
+                    sums[r] = exp_pairs(&row[..lk], self.scale, pr);
                 }
                 unsafe {
                     let vp = vt.as_ptr().add(bi * kp * dvp);
