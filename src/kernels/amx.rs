@@ -6,8 +6,8 @@
 //! tile 16 pair rows × 16 columns, so both load straight from the weights and from the padded
 //! image of a convolution, every tap in place, with no packing. The micro-kernel keeps a
 //! 32 × 32 block of `C` in four tiles (2 `A` × 2 `B` loads per 4 products). Each rayon task owns
-//! a 128 × 256 block of `C` and walks `k` in chunks of 128 pairs, so the `B` strip it reuses
-//! across row strips stays in L1.
+//! a 128 × 256 block of `C` and walks `k` in equal chunks of at most 256 pairs, so the `B` strip
+//! it reuses across row strips stays in L1.
 //!
 //! Only whole tiles run here (`m`, `n` multiples of 32, `k` of 16 pairs): `bf16::gemm` sends the
 //! edges to the `vdpbf16ps` kernel. Linux hands out AMX state only on request

@@ -3,7 +3,7 @@
 //! per-thread buffer, are soft-maxed in place and multiplied by V with `gemm`. Blocks are spread
 //! over the rayon pool, so at 512² (4096 tokens) the extra memory is a few MB instead of
 //! 16 × 4096 × 4096 floats.
-use super::simd::{exp_pairs, exp_row, softmax_row};
+use super::simd::{exp_pairs, exp_row, pair_adjacent, softmax_row};
 #[cfg(target_arch = "x86_64")]
 use super::tiled::x86::F32Fma;
 use super::tiled::{self, Dims};
@@ -169,38 +169,6 @@ impl Sdpa {
         );
         out
     }
-}
-
-/// `dst[p] = pair(src[2p], src[2p+1])` (a zero past the end of `src`), the rest of `dst` zero.
-fn pair_adjacent(src: &[f32], dst: &mut [u32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the feature was just detected.
-        return unsafe { pair_adjacent_avx512(src, dst) };
-    }
-    pair_adjacent_portable(src, dst)
-}
-
-#[inline(always)]
-fn pair_adjacent_portable(src: &[f32], dst: &mut [u32]) {
-    let mut it = src.chunks_exact(2);
-    let whole = src.len() / 2;
-    for (d, v) in dst[..whole].iter_mut().zip(&mut it) {
-        *d = bf16::pair(v[0], v[1]);
-    }
-    let mut p = whole;
-    if let [x] = it.remainder() {
-        dst[p] = bf16::pair(*x, 0.0);
-        p += 1;
-    }
-    dst[p..].fill(0);
-}
-
-/// The same loop, compiled for AVX-512 so that LLVM vectorises the rounding.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pair_adjacent_avx512(src: &[f32], dst: &mut [u32]) {
-    pair_adjacent_portable(src, dst)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -358,9 +358,8 @@ impl CustomOp1 for TapsOp {
         // Winograd's f32 GEMMs at every UNet level (examples/wbench: 2×320@64² 49 vs 53 ms,
         // 2×1280@16² 62 vs 99 ms); at the VAE's 128²+ levels the two tie or Winograd wins
         // (1×128@512² 238 vs 302 ms), so it keeps those.
-        let amx_taps = matches!(pc.w, TapWeights::Pairs(_))
-            && bf16::kernel() == bf16::Kernel::Amx
-            && h * wd < 128 * 128;
+        let amx = bf16::kernel() == bf16::Kernel::Amx;
+        let amx_taps = amx && matches!(pc.w, TapWeights::Pairs(_)) && h * wd < 128 * 128;
         let tile = (self.1 && kh == 3 && kw == 3 && p == 1 && !amx_taps)
             .then(|| winograd::pays(n, h, wd))
             .flatten();
@@ -405,11 +404,7 @@ impl CustomOp1 for TapsOp {
                         }
                     });
                 };
-                let pad = if bf16::kernel() == bf16::Kernel::Amx {
-                    super::amx::BLOCK
-                } else {
-                    1
-                };
+                let pad = if amx { super::amx::BLOCK } else { 1 };
                 self.run(&g, cin.div_ceil(2), w, fill, bf16::gemm, pad)
             }
         };

@@ -26,6 +26,24 @@ pub fn exp_f32(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
+/// The largest value of a row (−∞ if empty), over 16 independent lanes so that it vectorises
+/// inside the AVX-512 functions below (float comparisons are not reassociated).
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    let mut mx = [f32::NEG_INFINITY; 16];
+    let mut it = row.chunks_exact(16);
+    for v in &mut it {
+        for i in 0..16 {
+            mx[i] = if v[i] > mx[i] { v[i] } else { mx[i] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in it.remainder().iter().chain(mx.iter()) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
 macro_rules! dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)? {
@@ -55,18 +73,7 @@ dispatch! {
     /// denominator, left to the caller so attention can divide its 40-wide output instead of
     /// the 4096-wide row).
     pub fn exp_row(row: &mut [f32], scale: f32) -> f32 {
-        // 16 independent lanes so the reductions vectorise (float adds are not reassociated).
-        let mut mx = [f32::NEG_INFINITY; 16];
-        let mut it = row.chunks_exact(16);
-        for v in &mut it {
-            for i in 0..16 {
-                mx[i] = if v[i] > mx[i] { v[i] } else { mx[i] };
-            }
-        }
-        let mut m = f32::NEG_INFINITY;
-        for &v in it.remainder().iter().chain(mx.iter()) {
-            m = if v > m { v } else { m };
-        }
+        let m = row_max(row);
         let ms = m * scale;
         let mut acc = [0f32; 16];
         let mut it = row.chunks_exact_mut(16);
@@ -93,17 +100,7 @@ dispatch! {
     /// attention's softmax weights, in one pass instead of an exp pass and a pairing pass.
     /// Returns the sum of the f32 values (before rounding), as `exp_row` does.
     pub fn exp_pairs(row: &[f32], scale: f32, dst: &mut [u32]) -> f32 {
-        let mut mx = [f32::NEG_INFINITY; 16];
-        let mut it = row.chunks_exact(16);
-        for v in &mut it {
-            for i in 0..16 {
-                mx[i] = if v[i] > mx[i] { v[i] } else { mx[i] };
-            }
-        }
-        let mut m = f32::NEG_INFINITY;
-        for &v in it.remainder().iter().chain(mx.iter()) {
-            m = if v > m { v } else { m };
-        }
+        let m = row_max(row);
         let ms = m * scale;
         let mut acc = [0f32; 16];
         let whole = row.len() / 32;
@@ -127,6 +124,23 @@ dispatch! {
         }
         dst[p..].fill(0);
         s + acc.iter().sum::<f32>()
+    }
+}
+
+dispatch! {
+    /// `dst[p] = pair(src[2p], src[2p+1])` (a zero past the end of `src`), the rest of `dst`
+    /// zero: a row of bf16 pairs along it (the AMX attention's queries).
+    pub fn pair_adjacent(src: &[f32], dst: &mut [u32]) {
+        let whole = src.len() / 2;
+        for (d, v) in dst[..whole].iter_mut().zip(src.chunks_exact(2)) {
+            *d = super::bf16::pair(v[0], v[1]);
+        }
+        let mut p = whole;
+        if src.len() % 2 == 1 {
+            dst[p] = super::bf16::pair(src[src.len() - 1], 0.0);
+            p += 1;
+        }
+        dst[p..].fill(0);
     }
 }
 
