@@ -3,7 +3,7 @@
 //! per-thread buffer, are soft-maxed in place and multiplied by V with `gemm`. Blocks are spread
 //! over the rayon pool, so at 512² (4096 tokens) the extra memory is a few MB instead of
 //! 16 × 4096 × 4096 floats.
-use super::simd::{exp_pairs, exp_row, pair_adjacent, softmax_row};
+use super::simd::{exp_row, pair_adjacent, softmax_row};
 #[cfg(target_arch = "x86_64")]
 use super::tiled::x86::F32Fma;
 use super::tiled::{self, Dims};
@@ -38,8 +38,20 @@ pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<
         k,
         v,
         scale,
-        super::bf16::kernel() == super::bf16::Kernel::Amx,
+        amx_attention(),
     )
+}
+
+/// Whether the bf16 attention runs on AMX: the bf16 kernel is AMX, and the CPU has the
+/// AVX-512 BF16 conversions its softmax uses (every AMX-BF16 CPU so far does).
+fn amx_attention() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::bf16::kernel() == super::bf16::Kernel::Amx
+            && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, amx: bool) -> Result<Tensor> {
@@ -173,10 +185,14 @@ impl Sdpa {
 
 #[cfg(target_arch = "x86_64")]
 impl Sdpa {
-    /// Both products on AMX tiles ([`amx`]), which need whole 32 × 32 blocks and 16-pair steps:
-    /// the head dimension (40, 80, 160 in SD) is zero-padded to a multiple of 32 and the keys to
-    /// a multiple of 32 (padding keys get weight 0, not exp(0)). Kᵀ and V are paired once per
-    /// head; each task pairs its queries and its softmax weights.
+    /// Both products on AMX tiles ([`amx::Tiles`]), 32 queries per task. Everything a tile
+    /// touches is stored as 32-wide panels, contiguous: Kᵀ per block of 32 keys (head-dim pairs
+    /// × 32), the scores per block of 32 keys (32 × 32 f32), the softmax weights per 16 key
+    /// pairs (32 rows × 16 pairs). With row-major buffers 4096 keys wide, each tile load or
+    /// store touched 16 rows 16 KiB apart, 16 pages (more than the store TLB holds): the score
+    /// product ran at ~⅒ of the tile rate (examples/amxbench: 16×4096²×40 scores 97 → see
+    /// docs/performance.md). The head dimension (40, 80, 160 in SD) is zero-padded to whole
+    /// 16-pair steps, the keys to whole panels (padding keys get weight 0, not exp(0)).
     fn amx(
         &self,
         q: &[f32],
@@ -184,24 +200,26 @@ impl Sdpa {
         v: &[f32],
         (b, lq, lk, d, dv): (usize, usize, usize, usize, usize),
     ) -> Vec<f32> {
+        const W: usize = amx::BLOCK;
         let dp = d.div_ceil(2).next_multiple_of(amx::KSTEP);
-        let lkp = lk.next_multiple_of(amx::BLOCK);
-        let dvp = dv.next_multiple_of(amx::BLOCK);
-        let kp = lkp / 2;
-        // Kᵀ as pairs along the head dimension: dp rows × lkp keys.
-        let mut kt = vec![0u32; b * dp * lkp];
-        kt.par_chunks_mut(dp * lkp)
+        let nb = lk.div_ceil(W);
+        let kp = nb * W / 2;
+        let dvp = dv.next_multiple_of(W);
+        // Kᵀ panels: per head, panel j holds pairs 0..dp of keys 32j..32j+32 (dp × 32).
+        let mut kt = vec![0u32; b * nb * dp * W];
+        kt.par_chunks_mut(nb * dp * W)
             .enumerate()
             .for_each(|(bi, dst)| {
                 let kb = &k[bi * lk * d..(bi + 1) * lk * d];
                 for (j, row) in kb.chunks_exact(d).enumerate() {
+                    let panel = &mut dst[(j / W) * dp * W..][..dp * W];
                     for p in 0..d.div_ceil(2) {
                         let hi = if 2 * p + 1 < d { row[2 * p + 1] } else { 0.0 };
-                        dst[p * lkp + j] = bf16::pair(row[2 * p], hi);
+                        panel[p * W + j % W] = bf16::pair(row[2 * p], hi);
                     }
                 }
             });
-        // V as pairs along the keys: kp rows × dvp columns.
+        // V as pairs along the keys: kp rows × dvp columns (its tiles read 16 rows 256 B apart).
         let mut vt = vec![0u32; b * kp * dvp];
         vt.par_chunks_mut(kp * dvp)
             .enumerate()
@@ -213,85 +231,59 @@ impl Sdpa {
                     bf16::pair_rows(lo, hi, &mut dst[p * dvp..p * dvp + dv]);
                 }
             });
-        // Query rows per task, a multiple of 32: the score block (≤ 1 MiB) stays in L2.
-        // (No more than the queries need: the UNet's 8² level has 64.)
-        let qb = ((1 << 20) / (lkp * 4)).clamp(32, 256) / amx::BLOCK * amx::BLOCK;
-        let qb = qb.min(lq.next_multiple_of(amx::BLOCK));
-        let nblk = lq.div_ceil(qb);
+        let nq = lq.div_ceil(W);
         let mut out = vec![0f32; b * lq * dv];
         let dst = SendPtr(out.as_mut_ptr());
-        (0..b * nblk).into_par_iter().for_each_init(
+        let scale = self.scale;
+        (0..b * nq).into_par_iter().for_each_init(
             || {
                 (
-                    vec![0u32; qb * dp],
-                    vec![0f32; qb * lkp],
-                    vec![0u32; qb * kp],
-                    vec![0f32; qb * dvp],
+                    vec![0u32; W * dp],
+                    vec![0f32; nb * W * W],
+                    vec![0u32; nb * W * W / 2],
+                    vec![0f32; W * dvp],
                 )
             },
             |(qp, scores, pp, o), task| {
-                let (bi, blk) = (task / nblk, task % nblk);
-                let r0 = blk * qb;
-                let rows = qb.min(lq - r0);
+                let (bi, qi) = (task / nq, task % nq);
+                let r0 = qi * W;
+                let rows = W.min(lq - r0);
                 for (r, dst) in qp.chunks_exact_mut(dp).enumerate() {
                     if r < rows {
-                        let src = &q[(bi * lq + r0 + r) * d..][..d];
-                        pair_adjacent(src, dst);
+                        pair_adjacent(&q[(bi * lq + r0 + r) * d..][..d], dst);
                     } else {
                         dst.fill(0);
                     }
                 }
-                let s_dims = Dims {
-                    m: qb,
-                    n: lkp,
-                    k: dp,
-                    lda: dp,
-                    ldb: lkp,
-                    ldc: lkp,
-                };
-                let o_dims = Dims {
-                    m: qb,
-                    n: dvp,
-                    k: kp,
-                    lda: kp,
-                    ldb: dvp,
-                    ldc: dvp,
-                };
-                // SAFETY: AMX runs (`self.amx`); Q pairs qb × dp, Kᵀ pairs dp × lkp of head
-                // bi, scores qb × lkp, P pairs qb × kp, V pairs kp × dvp of head bi, the
-                // output block qb × dvp: every extent is a whole number of blocks/steps.
+                let mut sums = [0f32; W];
+                // SAFETY: AMX runs (`self.amx`, which also means AVX-512 BF16); Q pairs 32 × dp,
+                // nb Kᵀ panels dp × 32 of head bi, nb score panels 32 × 32, nb weight panels
+                // 32 × 16 pairs, V pairs kp × dvp of head bi, the output block 32 × dvp: every
+                // tile read or written lies inside them.
                 unsafe {
-                    let ktp = kt.as_ptr().add(bi * dp * lkp);
-                    amx::gemm_on(
-                        s_dims,
-                        &[(0, 0)],
-                        qp.as_ptr(),
-                        ktp,
-                        scores.as_mut_ptr(),
-                        false,
-                        true,
-                    );
-                }
-                let mut sums = [0f32; 256];
-                for (r, (row, pr)) in scores
-                    .chunks_exact(lkp)
-                    .zip(pp.chunks_exact_mut(kp))
-                    .enumerate()
-                    .take(rows)
-                {
-                    sums[r] = exp_pairs(&row[..lk], self.scale, pr);
-                }
-                unsafe {
-                    let vp = vt.as_ptr().add(bi * kp * dvp);
-                    amx::gemm_on(
-                        o_dims,
-                        &[(0, 0)],
-                        pp.as_ptr(),
-                        vp,
-                        o.as_mut_ptr(),
-                        false,
-                        true,
-                    );
+                    let tiles = amx::Tiles::new();
+                    let ktb = kt.as_ptr().add(bi * nb * dp * W);
+                    for j in 0..nb {
+                        tiles.block(
+                            true,
+                            dp / amx::KSTEP,
+                            (qp.as_ptr(), dp, amx::KSTEP),
+                            (ktb.add(j * dp * W), W),
+                            (scores.as_mut_ptr().add(j * W * W), W),
+                        );
+                    }
+                    x86::softmax_panels(scores, lk, scale, pp, &mut sums);
+                    let vb = vt.as_ptr().add(bi * kp * dvp);
+                    for c in (0..dvp).step_by(W) {
+                        tiles.block(
+                            true,
+                            nb,
+                            (pp.as_ptr(), amx::KSTEP, W * amx::KSTEP),
+                            (vb.add(c), dvp),
+                            (o.as_mut_ptr().add(c), dvp),
+                        );
+                    }
+                    drop(tiles);
                     let dst = &dst;
                     for (r, row) in o.chunks_exact(dvp).take(rows).enumerate() {
                         let inv = 1.0 / sums[r];
@@ -305,6 +297,112 @@ impl Sdpa {
             },
         );
         out
+    }
+}
+
+/// The AMX attention's softmax on AVX-512 (every CPU with AMX-BF16 has AVX-512 BF16).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::amx::BLOCK as W;
+    use std::arch::x86_64::*;
+
+    /// `exp(x)` of 16 lanes: [`super::super::simd::exp_f32`]'s reduction and polynomial, with
+    /// `vscalefps` for the 2ⁿ.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.3)),
+            _mm512_set1_ps(88.3),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let p = _mm512_fmadd_ps(
+            _mm512_mul_ps(p, r),
+            r,
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// Softmax weights of a 32-row block of scores stored as panels of 32 keys (`scores[j]` =
+    /// 32 rows × 32 f32 for keys 32j..): `pp[j]` = 32 rows × 16 bf16 pairs of
+    /// `exp(scale·s − scale·max_row)`, keys ≥ `lk` weighing 0; `sums[r]` the f32 row sums (the
+    /// division is left to the 40-wide output).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512 BF16; `scores` holds `lk.div_ceil(32)` panels and `pp`
+    /// as many weight panels.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn softmax_panels(
+        scores: &[f32],
+        lk: usize,
+        scale: f32,
+        pp: &mut [u32],
+        sums: &mut [f32; W],
+    ) {
+        let nb = lk.div_ceil(W);
+        assert!(scores.len() >= nb * W * W && pp.len() >= nb * W * W / 2);
+        // Lanes of the two 16-key halves of panel j that are real keys.
+        let masks = |j: usize| -> (__mmask16, __mmask16) {
+            let left = lk - j * W;
+            let m = |n: usize| {
+                if n >= 16 {
+                    0xFFFF
+                } else {
+                    (1u32 << n) as u16 - 1
+                }
+            };
+            (m(left), m(left.saturating_sub(16)))
+        };
+        let s = scores.as_ptr();
+        let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); W];
+        for j in 0..nb {
+            let (m0, m1) = masks(j);
+            for (r, m) in mx.iter_mut().enumerate() {
+                let p = s.add((j * W + r) * W);
+                *m = _mm512_mask_max_ps(*m, m0, *m, _mm512_loadu_ps(p));
+                *m = _mm512_mask_max_ps(*m, m1, *m, _mm512_loadu_ps(p.add(16)));
+            }
+        }
+        let sc = _mm512_set1_ps(scale);
+        let shift: [__m512; W] =
+            std::array::from_fn(|r| _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]) * scale));
+        let mut acc = [_mm512_setzero_ps(); W];
+        let dst = pp.as_mut_ptr();
+        for j in 0..nb {
+            let (m0, m1) = masks(j);
+            for r in 0..W {
+                let p = s.add((j * W + r) * W);
+                let e0 = _mm512_maskz_mov_ps(
+                    m0,
+                    exp16(_mm512_fmsub_ps(_mm512_loadu_ps(p), sc, shift[r])),
+                );
+                let e1 = _mm512_maskz_mov_ps(
+                    m1,
+                    exp16(_mm512_fmsub_ps(_mm512_loadu_ps(p.add(16)), sc, shift[r])),
+                );
+                acc[r] = _mm512_add_ps(acc[r], _mm512_add_ps(e0, e1));
+                let w: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(e1, e0));
+                _mm512_storeu_si512(dst.add((j * W + r) * 16) as *mut __m512i, w);
+            }
+        }
+        for (s, a) in sums.iter_mut().zip(acc) {
+            *s = _mm512_reduce_add_ps(a);
+        }
     }
 }
 
@@ -435,7 +533,7 @@ mod tests {
     /// counts leave every kind of padding (40 → 64, 77 → 96 keys, odd sizes).
     #[test]
     fn amx_matches_candle_within_bf16_rounding() -> Result<()> {
-        if bf16::kernel() != bf16::Kernel::Amx {
+        if !amx_attention() {
             eprintln!("note: no AMX on this CPU; the AMX attention is not exercised here");
             return Ok(());
         }
@@ -445,6 +543,8 @@ mod tests {
             (2, 300, 300, 17, 9),
             (2, 256, 1024, 80, 80),
             (1, 70, 64, 160, 160),
+            // A last key panel with 18 keys (both halves partly real).
+            (2, 33, 50, 24, 8),
         ];
         for (shape, err) in errors(&shapes, attention_bf16)? {
             // Outputs are weighted means of N(0, 1) values: |y| ≲ 3; bf16 keeps 8 bits.
@@ -471,5 +571,76 @@ mod tests {
             assert!(err < 1e-5, "{shape:?}: {err}");
         }
         Ok(())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp16_matches_std() {
+        use std::arch::x86_64::*;
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("note: no AVX-512 on this CPU; exp16 is not exercised here");
+            return;
+        }
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let xs: [f32; 16] = std::array::from_fn(|i| x + i as f32 * 0.0011);
+            let mut got = [0f32; 16];
+            // SAFETY: AVX-512F was detected.
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), x86::exp16(_mm512_loadu_ps(xs.as_ptr()))) };
+            for (g, v) in got.iter().zip(xs) {
+                worst = worst.max(((g - v.exp()) / v.exp()).abs());
+            }
+            x += 0.0173;
+        }
+        assert!(worst < 1e-6, "relative error {worst}");
+    }
+
+    /// The panel softmax against f64 on every key count around the panel edges, with logits
+    /// far below 0: a padding key (score 0) counted in the row max would underflow every weight.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn softmax_panels_matches_f64() {
+        if !(std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bf16"))
+        {
+            eprintln!("note: no AVX-512 BF16 on this CPU; the panel softmax is not exercised here");
+            return;
+        }
+        for lk in [1usize, 15, 16, 17, 31, 32, 33, 50, 77, 96] {
+            let nb = lk.div_ceil(32);
+            let logit = |r: usize, j: usize| -300.0 + ((r * 31 + j * 17) % 23) as f32 * 0.9;
+            let mut scores = vec![0f32; nb * 1024];
+            for j in 0..lk {
+                for r in 0..32 {
+                    scores[(j / 32 * 32 + r) * 32 + j % 32] = logit(r, j);
+                }
+            }
+            let mut pp = vec![u32::MAX; nb * 512];
+            let mut sums = [0f32; 32];
+            // SAFETY: the features were detected; the buffers hold nb panels each.
+            unsafe { x86::softmax_panels(&scores, lk, 0.7, &mut pp, &mut sums) };
+            for r in 0..32 {
+                let m = (0..lk).map(|j| logit(r, j) as f64).fold(f64::MIN, f64::max);
+                let e: Vec<f64> = (0..lk)
+                    .map(|j| ((logit(r, j) as f64 - m) * 0.7).exp())
+                    .collect();
+                let want: f64 = e.iter().sum();
+                assert!(
+                    (sums[r] as f64 - want).abs() < 1e-5 * want,
+                    "{lk} row {r}: {} vs {want}",
+                    sums[r]
+                );
+                for j in 0..nb * 32 {
+                    let w = pp[(j / 32 * 32 + r) * 16 + j % 32 / 2];
+                    let got = bf16::from_bf16((w >> (16 * (j % 2))) as u16) as f64;
+                    let want = e.get(j).copied().unwrap_or(0.0);
+                    assert!(
+                        (got - want).abs() <= 4e-3 * want.max(1e-30),
+                        "{lk} row {r} key {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -95,39 +95,6 @@ dispatch! {
 }
 
 dispatch! {
-    /// [`exp_row`] written as bf16 pairs of adjacent values (`dst[p]` = `(e[2p], e[2p+1])`, a
-    /// zero past the row's end; the rest of `dst` zero) instead of back into `row`: the AMX
-    /// attention's softmax weights, in one pass instead of an exp pass and a pairing pass.
-    /// Returns the sum of the f32 values (before rounding), as `exp_row` does.
-    pub fn exp_pairs(row: &[f32], scale: f32, dst: &mut [u32]) -> f32 {
-        let m = row_max(row);
-        let ms = m * scale;
-        let mut acc = [0f32; 16];
-        let whole = row.len() / 32;
-        for (v, d) in row.chunks_exact(32).zip(dst.chunks_exact_mut(16)) {
-            for i in 0..16 {
-                let lo = exp_f32(v[2 * i] * scale - ms);
-                let hi = exp_f32(v[2 * i + 1] * scale - ms);
-                acc[i] += lo + hi;
-                d[i] = super::bf16::pair(lo, hi);
-            }
-        }
-        let mut s = 0f32;
-        let rest = &row[whole * 32..];
-        let mut p = whole * 16;
-        for v in rest.chunks(2) {
-            let lo = exp_f32(v[0] * scale - ms);
-            let hi = if v.len() > 1 { exp_f32(v[1] * scale - ms) } else { 0.0 };
-            s += lo + hi;
-            dst[p] = super::bf16::pair(lo, hi);
-            p += 1;
-        }
-        dst[p..].fill(0);
-        s + acc.iter().sum::<f32>()
-    }
-}
-
-dispatch! {
     /// `dst[p] = pair(src[2p], src[2p+1])` (a zero past the end of `src`), the rest of `dst`
     /// zero: a row of bf16 pairs along it (the AMX attention's queries).
     pub fn pair_adjacent(src: &[f32], dst: &mut [u32]) {
@@ -227,25 +194,6 @@ mod tests {
 
     /// The fused exp + pairing equals `exp_row` followed by pairing, on lengths around the
     /// 32-wide body (odd ones pad the last pair with zero), and zero-fills the rest of `dst`.
-    #[test]
-    fn exp_pairs_equals_exp_row_then_pairs() {
-        for len in [1usize, 2, 3, 31, 32, 33, 64, 77, 100] {
-            let row: Vec<f32> = (0..len)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3)
-                .collect();
-            let mut want = row.clone();
-            let sum = exp_row(&mut want, 0.7);
-            let mut got = vec![u32::MAX; len.div_ceil(2) + 5];
-            let s = exp_pairs(&row, 0.7, &mut got);
-            assert!((s - sum).abs() <= 1e-6 * sum, "{len}: {s} vs {sum}");
-            for (p, &g) in got.iter().enumerate() {
-                let lo = want.get(2 * p).copied().unwrap_or(0.0);
-                let hi = want.get(2 * p + 1).copied().unwrap_or(0.0);
-                assert_eq!(g, crate::kernels::bf16::pair(lo, hi), "{len}: pair {p}");
-            }
-        }
-    }
-
     #[test]
     fn exp_matches_std() {
         let mut worst = 0f32;
