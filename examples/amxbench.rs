@@ -66,6 +66,12 @@ fn main() {
         ("conv 2x1280@16 (9 taps)", 1280, 612, 640, 9, 651),
         ("linear 8192x320->1280", 8192, 1280, 160, 1, 1280),
         ("linear 8192x1280->320", 8192, 320, 640, 1, 320),
+        // The UNet's heaviest products at 512² (batch 2), by time spent.
+        ("conv 2x1280@16 (9 taps, 1280 in)", 1280, 640, 640, 9, 651),
+        ("linear 1024x320->2560 (GEGLU)", 1024, 2560, 160, 1, 2560),
+        ("conv 2x640@32 (9 taps, 640 in)", 640, 2272, 320, 9, 2315),
+        ("linear 512x1280->10240 (GEGLU)", 512, 10240, 640, 1, 10240),
+        ("linear 2048x640->640", 2048, 640, 320, 1, 640),
     ];
     for (name, m, n, k, parts, ldb) in shapes {
         let a: Vec<u32> = (0..parts * m * k)

@@ -15,6 +15,9 @@ struct Sdpa {
     scale: f32,
     /// Products on AMX bf16 tiles (a bf16 model on a CPU that has them).
     amx: bool,
+    /// Heads side by side in the last dimension (`(batch, len, heads·d)`, the projections'
+    /// own layout; AMX path only); 1 for `(batch·heads, len, d)`.
+    heads: usize,
 }
 
 /// Query rows per task: enough to make the two GEMMs efficient, small enough that the score
@@ -33,13 +36,45 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
 /// and the softmax weights rounded to bf16, f32 accumulation and softmax), as torch's bf16
 /// attention does; elsewhere the f32 path.
 pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    attention_with(
-        q,
-        k,
-        v,
-        scale,
-        amx_attention(),
-    )
+    attention_with(q, k, v, scale, amx_attention())
+}
+
+/// [`attention_bf16`] on the projections' own layout: `q` (batch, queries, heads·d), `k` and
+/// `v` (batch, keys, heads·d and heads·dv) → (batch, queries, heads·dv). On AMX the kernel
+/// reads and writes that layout in place (splitting and merging the heads were four strided
+/// copies of every activation per attention); elsewhere the heads are split for
+/// [`attention_bf16`] and merged after.
+pub fn attention_bf16_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if amx_attention() && f32_cpu(q) && f32_cpu(k) && f32_cpu(v) {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        return q.apply_op3_no_bwd(
+            &k,
+            &v,
+            &Sdpa {
+                scale: scale as f32,
+                amx: true,
+                heads,
+            },
+        );
+    }
+    let split = |x: &Tensor| -> Result<Tensor> {
+        let (b, l, hd) = x.dims3()?;
+        x.reshape((b, l, heads, hd / heads))?
+            .transpose(1, 2)?
+            .reshape((b * heads, l, hd / heads))
+    };
+    let xs = attention_bf16(&split(q)?, &split(k)?, &split(v)?, scale)?;
+    let (bh, l, dv) = xs.dims3()?;
+    xs.reshape((bh / heads, heads, l, dv))?
+        .transpose(1, 2)?
+        .reshape((bh / heads, l, heads * dv))
 }
 
 /// Whether the bf16 attention runs on AMX: the bf16 kernel is AMX, and the CPU has the
@@ -63,6 +98,7 @@ fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, amx: bool) -> 
             &Sdpa {
                 scale: scale as f32,
                 amx,
+                heads: 1,
             },
         );
     }
@@ -206,12 +242,16 @@ impl Sdpa {
         let kp = nb * W / 2;
         let dvp = dv.next_multiple_of(W);
         // Kᵀ panels: per head, panel j holds pairs 0..dp of keys 32j..32j+32 (dp × 32).
+        // Row r of head `bi` (of `heads` side by side) in a (batch, len, heads·w) buffer.
+        let h = self.heads;
+        let row =
+            |bi: usize, len: usize, r: usize, w: usize| ((bi / h) * len + r) * h * w + (bi % h) * w;
         let mut kt = vec![0u32; b * nb * dp * W];
         kt.par_chunks_mut(nb * dp * W)
             .enumerate()
             .for_each(|(bi, dst)| {
-                let kb = &k[bi * lk * d..(bi + 1) * lk * d];
-                for (j, row) in kb.chunks_exact(d).enumerate() {
+                for j in 0..lk {
+                    let row = &k[row(bi, lk, j, d)..][..d];
                     let panel = &mut dst[(j / W) * dp * W..][..dp * W];
                     for p in 0..d.div_ceil(2) {
                         let hi = if 2 * p + 1 < d { row[2 * p + 1] } else { 0.0 };
@@ -224,10 +264,9 @@ impl Sdpa {
         vt.par_chunks_mut(kp * dvp)
             .enumerate()
             .for_each(|(bi, dst)| {
-                let vb = &v[bi * lk * dv..(bi + 1) * lk * dv];
                 for p in 0..lk.div_ceil(2) {
-                    let lo = &vb[2 * p * dv..(2 * p + 1) * dv];
-                    let hi = (2 * p + 1 < lk).then(|| &vb[(2 * p + 1) * dv..(2 * p + 2) * dv]);
+                    let lo = &v[row(bi, lk, 2 * p, dv)..][..dv];
+                    let hi = (2 * p + 1 < lk).then(|| &v[row(bi, lk, 2 * p + 1, dv)..][..dv]);
                     bf16::pair_rows(lo, hi, &mut dst[p * dvp..p * dvp + dv]);
                 }
             });
@@ -250,7 +289,7 @@ impl Sdpa {
                 let rows = W.min(lq - r0);
                 for (r, dst) in qp.chunks_exact_mut(dp).enumerate() {
                     if r < rows {
-                        pair_adjacent(&q[(bi * lq + r0 + r) * d..][..d], dst);
+                        pair_adjacent(&q[row(bi, lq, r0 + r, d)..][..d], dst);
                     } else {
                         dst.fill(0);
                     }
@@ -285,11 +324,11 @@ impl Sdpa {
                     }
                     drop(tiles);
                     let dst = &dst;
-                    for (r, row) in o.chunks_exact(dvp).take(rows).enumerate() {
+                    for (r, o_row) in o.chunks_exact(dvp).take(rows).enumerate() {
                         let inv = 1.0 / sums[r];
                         let out =
-                            std::slice::from_raw_parts_mut(dst.0.add((bi * lq + r0 + r) * dv), dv);
-                        for (x, &y) in out.iter_mut().zip(&row[..dv]) {
+                            std::slice::from_raw_parts_mut(dst.0.add(row(bi, lq, r0 + r, dv)), dv);
+                        for (x, &y) in out.iter_mut().zip(&o_row[..dv]) {
                             *x = y * inv;
                         }
                     }
@@ -436,9 +475,13 @@ impl CustomOp3 for Sdpa {
             f32_slice(s2, l2, "sdpa")?,
             f32_slice(s3, l3, "sdpa")?,
         );
+        let h = self.heads;
+        if h != 1 && (!self.amx || d % h != 0 || dv % h != 0) {
+            candle_core::bail!("sdpa: {h} heads do not split {d} / {dv}, or not on AMX");
+        }
         #[cfg(target_arch = "x86_64")]
         if self.amx {
-            let out = self.amx(q, k, v, (b, lq, lk, d, dv));
+            let out = self.amx(q, k, v, (b * h, lq, lk, d / h, dv / h));
             return Ok((CpuStorage::F32(out), Shape::from((b, lq, dv))));
         }
         if tiled::f32_native() {
@@ -569,6 +612,35 @@ mod tests {
         ];
         for (shape, err) in errors(&shapes, attention)? {
             assert!(err < 1e-5, "{shape:?}: {err}");
+        }
+        Ok(())
+    }
+
+    /// The heads-side-by-side entry against splitting the heads for candle's attention.
+    #[test]
+    fn heads_layout_matches_split_heads() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, lq, lk, h, d, dv) in [
+            (2, 37, 77, 8, 40, 40),
+            (1, 70, 50, 3, 17, 9),
+            (2, 64, 64, 1, 32, 32),
+        ] {
+            let q = Tensor::randn(0f32, 1.0, (b, lq, h * d), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (b, lk, h * d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (b, lk, h * dv), &dev)?;
+            let got = attention_bf16_heads(&q, &k, &v, h, 0.3)?;
+            let split = |x: &Tensor| -> Result<Tensor> {
+                let (b, l, hd) = x.dims3()?;
+                x.reshape((b, l, h, hd / h))?
+                    .transpose(1, 2)?
+                    .reshape((b * h, l, hd / h))
+            };
+            let want = reference(&split(&q)?, &split(&k)?, &split(&v)?, 0.3)?
+                .reshape((b, h, lq, dv))?
+                .transpose(1, 2)?
+                .reshape((b, lq, h * dv))?;
+            let err = crate::kernels::max_abs_diff(&got, &want)?;
+            assert!(err < 3e-2, "{:?}: {err}", (b, lq, lk, h, d, dv));
         }
         Ok(())
     }

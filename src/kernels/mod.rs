@@ -13,7 +13,7 @@ pub mod simd;
 pub mod tiled;
 pub mod winograd;
 
-pub use attention::{attention, attention_bf16};
+pub use attention::{attention, attention_bf16, attention_bf16_heads};
 
 use candle_core::{CpuStorage, Layout};
 
@@ -88,6 +88,21 @@ pub(crate) unsafe fn matmul(
 pub use conv::{conv2d, Conv2d};
 pub use linear::{layer_norm, linear, linear_no_bias, Linear};
 pub use norm::{group_norm, GroupNorm};
+
+/// `(a + b) / factor`, without the division pass when `factor` is 1 (every SD checkpoint):
+/// candle's `affine` does not skip it, and runs it on one thread over the whole activation.
+pub fn scaled_sum(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    factor: f64,
+) -> candle_core::Result<candle_core::Tensor> {
+    let sum = (a + b)?;
+    if factor == 1.0 {
+        Ok(sum)
+    } else {
+        sum / factor
+    }
+}
 
 /// Keeps glibc from returning every large freed tensor to the kernel: by default each
 /// activation above the (dynamic) mmap threshold is a fresh mapping whose pages are zeroed

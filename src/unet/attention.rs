@@ -216,6 +216,12 @@ impl CrossAttention {
         let context = context.unwrap_or(xs).contiguous()?;
         let key = self.to_k.forward(&context)?;
         let value = self.to_v.forward(&context)?;
+        if self.to_q.is_bf16() && !self.use_flash_attn && self.slice_size.is_none() {
+            // Heads stay side by side: no split/merge copies around the kernel.
+            let xs =
+                crate::kernels::attention_bf16_heads(&query, &key, &value, self.heads, self.scale)?;
+            return self.to_out.forward(&xs);
+        }
         let query = self.reshape_heads_to_batch_dim(&query)?;
         let key = self.reshape_heads_to_batch_dim(&key)?;
         let value = self.reshape_heads_to_batch_dim(&value)?;
@@ -558,7 +564,7 @@ impl Module for AttentionBlock {
             .forward(&xs)?
             .t()?
             .reshape((batch, channel, height, width))?;
-        (xs + residual)? / self.config.rescale_output_factor
+        crate::kernels::scaled_sum(&xs, residual, self.config.rescale_output_factor)
     }
 }
 

@@ -130,6 +130,6 @@ impl ResnetBlock2D {
             _ => xs,
         };
         let xs = self.conv2.forward(&self.norm2.forward_silu(&xs)?)?;
-        (shortcut_xs + xs)? / self.config.output_scale_factor
+        crate::kernels::scaled_sum(&shortcut_xs, &xs, self.config.output_scale_factor)
     }
 }
