@@ -2,7 +2,6 @@
 //! with candle's tanh-approximated GELU evaluated through the vectorised exp.
 use super::simd::geglu_row;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
 struct Geglu;
 
@@ -36,16 +35,14 @@ impl CustomOp1 for Geglu {
             candle_core::bail!("geglu: odd last dimension {last}");
         }
         let n = last / 2;
-        let mut out = vec![0f32; x.len() / 2];
         // Several rows per task to amortise scheduling.
         let rows = (16384 / n).max(1);
-        out.par_chunks_mut(n * rows)
-            .zip(x.par_chunks(last * rows))
-            .for_each(|(o, i)| {
-                for (o, i) in o.chunks_mut(n).zip(i.chunks(last)) {
-                    geglu_row(o, &i[..n], &i[n..]);
-                }
-            });
+        let out = super::par_filled(x.len() / 2, n * rows, |t, o| {
+            let i = &x[t * rows * last..];
+            for (o, i) in o.chunks_mut(n).zip(i.chunks(last)) {
+                geglu_row(o, &i[..n], &i[n..]);
+            }
+        });
         dims.push(n);
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }

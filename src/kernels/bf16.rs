@@ -16,7 +16,6 @@
 use super::amx;
 use super::tiled;
 pub use super::tiled::Dims;
-use rayon::prelude::*;
 
 /// Rounds to the nearest bf16, ties to even (what `vcvtneps2bf16` and `half` do); NaN stays NaN.
 #[inline(always)]
@@ -77,20 +76,15 @@ unsafe fn pair_rows_avx512(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
 /// A row-major `rows × k` f32 matrix as `rows × ceil(k/2)` pairs (the `A` layout).
 pub fn pack_a(src: &[f32], rows: usize, k: usize) -> Vec<u32> {
     let kp = k.div_ceil(2);
-    let mut dst = vec![0u32; rows * kp];
-    let body = |(row, d): (usize, &mut [u32])| {
-        let s = &src[row * k..(row + 1) * k];
-        for (p, v) in d.iter_mut().enumerate() {
-            let hi = if 2 * p + 1 < k { s[2 * p + 1] } else { 0.0 };
-            *v = pair(s[2 * p], hi);
+    // Rows per task: enough to amortise scheduling on small inputs.
+    let per = (16384 / kp.max(1)).max(1);
+    super::par_filled(rows * kp, per * kp, |t, d| {
+        for (i, d) in d.chunks_mut(kp).enumerate() {
+            let row = t * per + i;
+            let s = &src[row * k..(row + 1) * k];
+            super::simd::pair_adjacent(s, d);
         }
-    };
-    if rows * k >= 1 << 15 {
-        dst.par_chunks_mut(kp).enumerate().for_each(body);
-    } else {
-        dst.chunks_mut(kp).enumerate().for_each(body);
-    }
-    dst
+    })
 }
 
 /// `dst[i] = src[i]` as f32 (bf16 → f32 is exact: the bits move up 16 places).

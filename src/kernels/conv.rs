@@ -222,13 +222,6 @@ fn tap_pairs(src: &[half::bf16], cout: usize, cin: usize, taps: usize) -> Vec<u3
     v
 }
 
-/// Fills each `len`-long row of `c` with its bias, or zero.
-fn fill_rows(c: &mut [f32], len: usize, bias: Option<&[f32]>) {
-    c.par_chunks_mut(len).enumerate().for_each(|(r, row)| {
-        row.fill(bias.map_or(0.0, |b| b[r]));
-    });
-}
-
 /// Geometry of one call. The batch is stacked into one tall canvas (image `i`'s padded rows
 /// start at row `i·hp`), so every image goes through the same GEMM: at the UNet's 16² and 8²
 /// levels (1280 channels, 80–288 output columns per image) that doubles the GEMM's width and
@@ -269,17 +262,25 @@ impl TapsOp {
         g: &Geometry,
         rows: usize,
         w: &[A],
-        fill: impl FnOnce(&mut [E]),
+        fill: impl Fn(usize, &mut [E]) + Sync + Send,
         mm: TapGemm<A, E>,
         pad: usize,
     ) -> Vec<f32> {
         let pc = &*self.0;
         let (cout, kw) = (pc.cout, pc.kw);
         let ldc = g.grid.next_multiple_of(pad);
-        let mut b = vec![E::default(); rows * g.cs + (ldc - g.grid)];
-        fill(&mut b[..rows * g.cs]);
-        let mut acc = super::zeroed(cout * ldc);
-        fill_rows(&mut acc, ldc, pc.bias.as_deref());
+        // Canvas row r (< rows) is channel (pair) r; the slack past the last is zeros.
+        let b = super::par_filled(rows * g.cs + (ldc - g.grid), g.cs, |r, dst| {
+            if r < rows {
+                fill(r, dst)
+            }
+        });
+        let bias = pc.bias.as_deref();
+        let mut acc = super::par_filled(cout * ldc, ldc, |r, row| {
+            if let Some(b) = bias {
+                row.fill(b[r]);
+            }
+        });
         let parts: Vec<(usize, usize)> = (0..pc.kh * kw)
             .map(|t| (t * cout * rows, (t / kw) * g.wp + t % kw))
             .collect();
@@ -310,16 +311,14 @@ impl TapsOp {
             acc.shrink_to_fit();
             return acc;
         }
-        let mut out = super::zeroed(g.n * cout * plane);
-        out.par_chunks_mut(plane).enumerate().for_each(|(ic, d)| {
+        super::par_filled(g.n * cout * plane, plane, |ic, d| {
             let (i, co) = (ic / cout, ic % cout);
             let a = &acc[co * ldc..(co + 1) * ldc];
             for y in 0..g.ho {
                 let from = (i * g.hp + y) * g.wp;
                 d[y * g.wo..(y + 1) * g.wo].copy_from_slice(&a[from..from + g.wo]);
             }
-        });
-        out
+        })
     }
 }
 
@@ -380,29 +379,25 @@ impl CustomOp1 for TapsOp {
             &x[o..o + wd]
         };
         let at = |i: usize, y: usize| (i * g.hp + y + g.p) * g.wp + g.p;
-        let fill_f32 = |b: &mut [f32]| {
-            b.par_chunks_mut(g.cs).enumerate().for_each(|(c, dst)| {
-                for i in 0..g.n {
-                    for y in 0..g.h {
-                        dst[at(i, y)..at(i, y) + g.wd].copy_from_slice(src(i, c, y));
-                    }
+        let fill_f32 = |c: usize, dst: &mut [f32]| {
+            for i in 0..g.n {
+                for y in 0..g.h {
+                    dst[at(i, y)..at(i, y) + g.wd].copy_from_slice(src(i, c, y));
                 }
-            });
+            }
         };
         let out = match &pc.w {
             TapWeights::F32(w) => self.run(&g, cin, w, fill_f32, tiled::gemm_f32, 1),
             TapWeights::Widen(w) => self.run(&g, cin, w, fill_f32, tiled::gemm_widen, 1),
             TapWeights::Pairs(w) => {
-                let fill = |b: &mut [u32]| {
-                    b.par_chunks_mut(g.cs).enumerate().for_each(|(q, dst)| {
-                        for i in 0..g.n {
-                            for y in 0..g.h {
-                                let hi = (2 * q + 1 < g.cin).then(|| src(i, 2 * q + 1, y));
-                                let d = &mut dst[at(i, y)..at(i, y) + g.wd];
-                                bf16::pair_rows(src(i, 2 * q, y), hi, d);
-                            }
+                let fill = |q: usize, dst: &mut [u32]| {
+                    for i in 0..g.n {
+                        for y in 0..g.h {
+                            let hi = (2 * q + 1 < g.cin).then(|| src(i, 2 * q + 1, y));
+                            let d = &mut dst[at(i, y)..at(i, y) + g.wd];
+                            bf16::pair_rows(src(i, 2 * q, y), hi, d);
                         }
-                    });
+                    }
                 };
                 let pad = if amx { super::amx::BLOCK } else { 1 };
                 self.run(&g, cin.div_ceil(2), w, fill, bf16::gemm, pad)

@@ -62,10 +62,12 @@ impl CustomOp1 for CpuLinear {
             candle_core::bail!("linear: input {dims:?}, weight expects {k} features");
         }
         let rows = x.len() / k.max(1);
-        let mut out = vec![0f32; rows * n];
-        if let Some(b) = &self.bias {
-            out.par_chunks_mut(n).for_each(|row| row.copy_from_slice(b));
-        }
+        let bias = self.bias.as_deref();
+        let mut out = super::par_filled(rows * n, n, |_, row| {
+            if let Some(b) = bias {
+                row.copy_from_slice(b)
+            }
+        });
         // out[:, j0..j0+nb] (+)= x · w[j0..j0+nb, :]ᵀ
         let product = |j0: usize, nb: usize, w: &[f32], out: &mut [f32]| {
             // SAFETY: x is rows × k, `w` nb × k (read as its transpose), and output columns
@@ -213,16 +215,25 @@ impl Module for Linear {
                 .contiguous()?
                 .apply_op1_no_bwd(op.as_ref()),
             Kind::Dot { w, k, n, bias } => {
-                let xs = xs.to_dtype(DType::F32)?;
+                let xs = xs.to_dtype(DType::F32)?.contiguous()?;
                 let mut dims = xs.dims().to_vec();
                 let rows = xs.elem_count() / k;
-                let a = bf16::pack_a(&xs.flatten_all()?.to_vec1::<f32>()?, rows, *k);
-                let mut out = vec![0f32; rows * n];
-                if let Some(b) = bias {
-                    for row in out.chunks_mut(*n) {
-                        row.copy_from_slice(b);
+                // Paired straight from the tensor's storage (was a `to_vec1` copy first), the
+                // output prefilled with the bias across the pool (was a `memset` and a bias
+                // copy on this thread).
+                let a = {
+                    let (storage, layout) = xs.storage_and_layout();
+                    let candle_core::Storage::Cpu(cpu) = &*storage else {
+                        candle_core::bail!("linear: bf16 pairs need a CPU input");
+                    };
+                    bf16::pack_a(super::f32_slice(cpu, layout, "linear")?, rows, *k)
+                };
+                let rows_per = (16384 / n.max(&1)).max(1);
+                let mut out = super::par_filled(rows * n, rows_per * n, |_, c| {
+                    if let Some(b) = bias {
+                        c.chunks_mut(*n).for_each(|row| row.copy_from_slice(b));
                     }
-                }
+                });
                 let kp = k.div_ceil(2);
                 let d = bf16::Dims {
                     m: rows,

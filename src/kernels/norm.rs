@@ -3,7 +3,6 @@
 use super::simd::{affine_act, sum_and_sq};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use candle_nn as nn;
-use rayon::prelude::*;
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
@@ -132,31 +131,28 @@ impl CustomOp1 for GroupNormOp {
         let g = self.num_groups;
         let cg = c / g;
         let len = cg * hw;
-        let mut out = super::zeroed(x.len());
-        out.par_chunks_mut(len)
-            .zip(x.par_chunks(len))
-            .enumerate()
-            .for_each(|(i, (dst, src))| {
-                let gi = i % g;
-                let shift = src[0];
-                let (s, q) = sum_and_sq(src, shift);
-                let m = s / len as f64;
-                let var = (q / len as f64 - m * m).max(0.0);
-                let mean = (m + shift as f64) as f32;
-                let inv = (1.0 / (var + self.eps).sqrt()) as f32;
-                for j in 0..cg {
-                    let ch = gi * cg + j;
-                    let a = inv * weight[ch];
-                    let b = bias[ch] - mean * a;
-                    affine_act(
-                        &mut dst[j * hw..(j + 1) * hw],
-                        &src[j * hw..(j + 1) * hw],
-                        a,
-                        b,
-                        self.silu,
-                    );
-                }
-            });
+        let out = super::par_filled(x.len(), len, |i, dst| {
+            let src = &x[i * len..(i + 1) * len];
+            let gi = i % g;
+            let shift = src[0];
+            let (s, q) = sum_and_sq(src, shift);
+            let m = s / len as f64;
+            let var = (q / len as f64 - m * m).max(0.0);
+            let mean = (m + shift as f64) as f32;
+            let inv = (1.0 / (var + self.eps).sqrt()) as f32;
+            for j in 0..cg {
+                let ch = gi * cg + j;
+                let a = inv * weight[ch];
+                let b = bias[ch] - mean * a;
+                affine_act(
+                    &mut dst[j * hw..(j + 1) * hw],
+                    &src[j * hw..(j + 1) * hw],
+                    a,
+                    b,
+                    self.silu,
+                );
+            }
+        });
         let _ = n;
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
