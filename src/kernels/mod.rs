@@ -193,29 +193,44 @@ pub fn return_freed_memory() {
 /// The transpose of a 2-d tensor, materialised: f32 on the CPU in 32 × 32 blocks across the
 /// rayon pool (candle's strided copy took ~0.4 s of loading the text encoder), else candle's.
 pub fn transpose(w: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-    use rayon::prelude::*;
     let (r, c) = w.dims2()?;
-    if !w.device().is_cpu() || w.dtype() != candle_core::DType::F32 {
-        return w.t()?.contiguous();
+    transpose_batched(&w.reshape((1, r, c))?)?.reshape((c, r))
+}
+
+/// `(b, r, c)` → `(b, c, r)`, materialised; blocked and across the pool for f32 on the CPU.
+/// The UNet's transformers turn every activation NCHW → (batch, pixels, channels) and back:
+/// candle's strided copy does that on one thread.
+pub fn transpose_batched(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    let (b, r, c) = x.dims3()?;
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || r == 0 || c == 0 {
+        return x.transpose(1, 2)?.contiguous();
     }
-    let src = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let mut dst = vec![0f32; r * c];
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        unreachable!("checked: a CPU tensor")
+    };
+    let src = f32_slice(cpu, layout, "transpose")?;
     const B: usize = 32;
-    // Each task fills B rows of the result (B columns of `w`).
-    dst.par_chunks_mut(B * r.max(1))
-        .enumerate()
-        .for_each(|(jb, out)| {
-            let j0 = jb * B;
-            let jn = out.len() / r.max(1);
-            for i0 in (0..r).step_by(B) {
-                for j in 0..jn {
-                    for i in i0..(i0 + B).min(r) {
-                        out[j * r + i] = src[i * c + j0 + j];
-                    }
+    // Each chunk is `jb` rows of one batch's result (`jb` divides c, so none straddles two).
+    let jb = (0..=5)
+        .rev()
+        .map(|e| 1 << e)
+        .find(|j| c % j == 0)
+        .unwrap_or(1);
+    let dst = par_filled(b * c * r, jb * r, |t, out| {
+        let (bi, j0) = (t * jb / c, t * jb % c);
+        let s = &src[bi * r * c..(bi + 1) * r * c];
+        for i0 in (0..r).step_by(B) {
+            for j in 0..jb {
+                for i in i0..(i0 + B).min(r) {
+                    out[j * r + i] = s[i * c + j0 + j];
                 }
             }
-        });
-    candle_core::Tensor::from_vec(dst, (c, r), w.device())
+        }
+    });
+    drop(storage);
+    candle_core::Tensor::from_vec(dst, (b, c, r), x.device())
 }
 
 /// Largest |a − b| over two same-shaped tensors (the kernels' tests compare with candle's ops).
@@ -238,6 +253,24 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (r, c), &Device::Cpu)?;
             let got = super::transpose(&w)?;
             let want = w.t()?.contiguous()?;
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(super::max_abs_diff(&got, &want)?, 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn batched_transpose_matches_candle_on_odd_shapes() -> candle_core::Result<()> {
+        for &(b, r, c) in &[
+            (2usize, 3usize, 70usize),
+            (3, 65, 48),
+            (2, 100, 1),
+            (1, 31, 96),
+            (2, 33, 40),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (b, r, c), &Device::Cpu)?;
+            let got = super::transpose_batched(&x)?;
+            let want = x.transpose(1, 2)?.contiguous()?;
             assert_eq!(got.dims(), want.dims());
             assert_eq!(super::max_abs_diff(&got, &want)?, 0.0);
         }

@@ -400,40 +400,34 @@ impl SpatialTransformer {
         let (batch, _channel, height, weight) = xs.dims4()?;
         let residual = xs;
         let xs = self.norm.forward(xs)?;
-        let (inner_dim, xs) = match &self.proj_in {
+        let xs = match &self.proj_in {
+            // NCHW → (batch, pixels, channels) with easel's parallel transpose (candle's
+            // strided copy runs on one thread).
             Proj::Conv2d(p) => {
                 let xs = p.forward(&xs)?;
-                let inner_dim = xs.dim(1)?;
-                let xs = xs
-                    .transpose(1, 2)?
-                    .t()?
-                    .reshape((batch, height * weight, inner_dim))?;
-                (inner_dim, xs)
+                let c = xs.dim(1)?;
+                crate::kernels::transpose_batched(&xs.reshape((batch, c, height * weight))?)?
             }
             Proj::Linear(p) => {
-                let inner_dim = xs.dim(1)?;
-                let xs = xs
-                    .transpose(1, 2)?
-                    .t()?
-                    .reshape((batch, height * weight, inner_dim))?;
-                (inner_dim, p.forward(&xs)?)
+                let c = xs.dim(1)?;
+                p.forward(&crate::kernels::transpose_batched(&xs.reshape((
+                    batch,
+                    c,
+                    height * weight,
+                ))?)?)?
             }
         };
         let mut xs = xs;
         for block in self.transformer_blocks.iter() {
             xs = block.forward(&xs, context)?
         }
+        let to_nchw = |xs: &Tensor| -> Result<Tensor> {
+            let c = xs.dim(2)?;
+            crate::kernels::transpose_batched(xs)?.reshape((batch, c, height, weight))
+        };
         let xs = match &self.proj_out {
-            Proj::Conv2d(p) => p.forward(
-                &xs.reshape((batch, height, weight, inner_dim))?
-                    .t()?
-                    .transpose(1, 2)?,
-            )?,
-            Proj::Linear(p) => p
-                .forward(&xs)?
-                .reshape((batch, height, weight, inner_dim))?
-                .t()?
-                .transpose(1, 2)?,
+            Proj::Conv2d(p) => p.forward(&to_nchw(&xs)?)?,
+            Proj::Linear(p) => to_nchw(&p.forward(&xs)?)?,
         };
         xs + residual
     }
