@@ -226,8 +226,8 @@ impl Sdpa {
     /// × 32), the scores per block of 32 keys (32 × 32 f32), the softmax weights per 16 key
     /// pairs (32 rows × 16 pairs). With row-major buffers 4096 keys wide, each tile load or
     /// store touched 16 rows 16 KiB apart, 16 pages (more than the store TLB holds): the score
-    /// product ran at ~⅒ of the tile rate (examples/amxbench: 16×4096²×40 scores 97 → see
-    /// docs/performance.md). The head dimension (40, 80, 160 in SD) is zero-padded to whole
+    /// product alone took 70–120 ms of a 16×4096²×40 call (≈⅒ of the tile rate), the whole call
+    /// 266–367 ms, now ~187 ms (examples/amxbench, `EASEL_AMXBENCH_ATTN=1`). The head dimension (40, 80, 160 in SD) is zero-padded to whole
     /// 16-pair steps, the keys to whole panels (padding keys get weight 0, not exp(0)).
     fn amx(
         &self,
