@@ -53,16 +53,7 @@ pub fn attention_bf16_heads(
 ) -> Result<Tensor> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     if amx_attention() && f32_cpu(q) && f32_cpu(k) && f32_cpu(v) {
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        return q.apply_op3_no_bwd(
-            &k,
-            &v,
-            &Sdpa {
-                scale: scale as f32,
-                amx: true,
-                heads,
-            },
-        );
+        return sdpa(q, k, v, scale, true, heads);
     }
     let split = |x: &Tensor| -> Result<Tensor> {
         let (b, l, hd) = x.dims3()?;
@@ -91,18 +82,20 @@ fn amx_attention() -> bool {
 
 fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, amx: bool) -> Result<Tensor> {
     if q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        return q.apply_op3_no_bwd(
-            &k,
-            &v,
-            &Sdpa {
-                scale: scale as f32,
-                amx,
-                heads: 1,
-            },
-        );
+        return sdpa(q, k, v, scale, amx, 1);
     }
     reference(q, k, v, scale)
+}
+
+/// Easel's kernel on f32 CPU tensors (made contiguous).
+fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, amx: bool, heads: usize) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let op = Sdpa {
+        scale: scale as f32,
+        amx,
+        heads,
+    };
+    q.apply_op3_no_bwd(&k, &v, &op)
 }
 
 /// The plain candle version (also the test oracle).
