@@ -62,12 +62,7 @@ impl CustomOp1 for CpuLinear {
             candle_core::bail!("linear: input {dims:?}, weight expects {k} features");
         }
         let rows = x.len() / k.max(1);
-        let bias = self.bias.as_deref();
-        let mut out = super::par_filled(rows * n, n, |_, row| {
-            if let Some(b) = bias {
-                row.copy_from_slice(b)
-            }
-        });
+        let mut out = with_bias(rows, n, self.bias.as_deref());
         // out[:, j0..j0+nb] (+)= x · w[j0..j0+nb, :]ᵀ
         let product = |j0: usize, nb: usize, w: &[f32], out: &mut [f32]| {
             // SAFETY: x is rows × k, `w` nb × k (read as its transpose), and output columns
@@ -228,12 +223,7 @@ impl Module for Linear {
                     };
                     bf16::pack_a(super::f32_slice(cpu, layout, "linear")?, rows, *k)
                 };
-                let rows_per = (16384 / n.max(&1)).max(1);
-                let mut out = super::par_filled(rows * n, rows_per * n, |_, c| {
-                    if let Some(b) = bias {
-                        c.chunks_mut(*n).for_each(|row| row.copy_from_slice(b));
-                    }
-                });
+                let mut out = with_bias(rows, *n, bias.as_ref().map(|b| b.as_slice()));
                 let kp = k.div_ceil(2);
                 let d = bf16::Dims {
                     m: rows,
@@ -250,6 +240,18 @@ impl Module for Linear {
             }
         }
     }
+}
+
+/// A `rows × n` output with every row set to `bias` (zeros without one), built across the
+/// pool (see [`super::par_filled`]): the products then add into it.
+fn with_bias(rows: usize, n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    // Several rows per task to amortise scheduling.
+    let per = (16384 / n.max(1)).max(1);
+    super::par_filled(rows * n, per * n, |_, c| {
+        if let Some(b) = bias {
+            c.chunks_mut(n).for_each(|row| row.copy_from_slice(b));
+        }
+    })
 }
 
 /// `candle_nn::layer_norm`, with bf16 parameters on the CPU widened to f32 once (the
