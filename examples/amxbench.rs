@@ -115,18 +115,120 @@ fn main() {
             ldc: n,
         };
         let gflop = 2.0 * (m * n * 2 * k * parts) as f64 / 1e9;
-        for &kern in &kernels {
-            let mut best = f64::INFINITY;
-            for _ in 0..12 {
-                let t = Instant::now();
-                // SAFETY: offsets stay inside a/b by construction (blen covers the last tap).
-                unsafe { bf16::gemm_with(kern, d, &offs, &a, &b, c.as_mut_ptr()) };
-                best = best.min(t.elapsed().as_secs_f64());
+        if !easel::kernels::amx::available() {
+            for &kern in &kernels {
+                let best = (0..12)
+                    .map(|_| {
+                        let t = Instant::now();
+                        // SAFETY: offsets stay inside a/b by construction.
+                        unsafe { bf16::gemm_with(kern, d, &offs, &a, &b, c.as_mut_ptr()) };
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::INFINITY, f64::min);
+                println!(
+                    "{name:34} {kern:?}: {:7.2} ms {:6.0} GFLOP/s",
+                    best * 1e3,
+                    gflop / best
+                );
             }
+            continue;
+        }
+        // The whole-tile part of the product with its operands row-major (as the layers hold
+        // them) and with the weights packed as tile panels (A for a convolution, B for a
+        // linear layer; for linear layers also both), timed round-robin so that this machine's
+        // swings (2× over seconds) fall on every variant alike.
+        use easel::kernels::amx::{self, Operand};
+        let (m32, n32) = (m / 32 * 32, n / 32 * 32);
+        let d32 = Dims {
+            m: m32,
+            n: n32,
+            ..d
+        };
+        type Variant = (
+            &'static str,
+            Vec<u32>,
+            Operand,
+            Vec<u32>,
+            Operand,
+            Vec<(usize, usize)>,
+        );
+        let rows: Variant = (
+            "rows",
+            a.clone(),
+            Operand::a_rows(k),
+            b.clone(),
+            Operand::b_rows(ldb),
+            offs.clone(),
+        );
+        let variants: Vec<Variant> = if parts == 1 {
+            let bp = amx::pack_b_panels(k, n32, |q, j| b[q * ldb + j]);
+            let ap = amx::pack_a_panels(m32, k, |i, q| a[i * k + q]);
+            vec![
+                rows,
+                (
+                    "B panels",
+                    a.clone(),
+                    Operand::a_rows(k),
+                    bp.clone(),
+                    Operand::panels(k),
+                    vec![(0, 0)],
+                ),
+                (
+                    "A+B panels",
+                    ap,
+                    Operand::panels(k),
+                    bp,
+                    Operand::panels(k),
+                    vec![(0, 0)],
+                ),
+            ]
+        } else {
+            let mut ap = Vec::new();
+            for t in 0..parts {
+                ap.extend(amx::pack_a_panels(m32, k, |i, q| a[t * m * k + i * k + q]));
+            }
+            let offs2: Vec<_> = offs
+                .iter()
+                .enumerate()
+                .map(|(t, &(_, bo))| (t * m32 * k, bo))
+                .collect();
+            vec![
+                rows,
+                (
+                    "A panels",
+                    ap,
+                    Operand::panels(k),
+                    b.clone(),
+                    Operand::b_rows(ldb),
+                    offs2,
+                ),
+            ]
+        };
+        let mut best = vec![f64::INFINITY; variants.len()];
+        for _ in 0..15 {
+            for (v, (_, av, oa, bv, ob, o)) in variants.iter().enumerate() {
+                let t = Instant::now();
+                // SAFETY: the operands cover the whole-tile part of the product.
+                unsafe {
+                    amx::gemm_on(
+                        d32,
+                        o,
+                        (av.as_ptr(), *oa),
+                        (bv.as_ptr(), *ob),
+                        c.as_mut_ptr(),
+                        true,
+                        false,
+                    )
+                };
+                best[v] = best[v].min(t.elapsed().as_secs_f64());
+            }
+        }
+        let gf = 2.0 * (m32 * n32 * 2 * k * parts) as f64 / 1e9;
+        for (v, (vname, ..)) in variants.iter().enumerate() {
             println!(
-                "{name:34} {kern:?}: {:7.2} ms {:6.0} GFLOP/s",
-                best * 1e3,
-                gflop / best
+                "{name:34} {vname:>10}: {:7.2} ms {:6.0} GFLOP/s",
+                best[v] * 1e3,
+                gf / best[v]
             );
         }
     }

@@ -3,11 +3,12 @@
 //!
 //! Why a kernel of easel's own: the pair layout `bf16::gemm` already uses (`A` rows of pairs,
 //! `B` pair rows of consecutive columns) *is* AMX's: an `A` tile is 16 rows × 16 pairs, a `B`
-//! tile 16 pair rows × 16 columns, so both load straight from the weights and from the padded
-//! image of a convolution, every tap in place, with no packing. The micro-kernel keeps a
-//! 32 × 32 block of `C` in four tiles (2 `A` × 2 `B` loads per 4 products). Each rayon task owns
-//! a 128 × 256 block of `C` and walks `k` in equal chunks of at most 256 pairs, so the `B` strip
-//! it reuses across row strips stays in L1.
+//! tile 16 pair rows × 16 columns, so both load straight from the padded image of a
+//! convolution, every tap in place. Weights are packed once, at load, as tile panels
+//! ([`pack_a_panels`], [`pack_b_panels`], [`Operand::panels`]): a row-major weight loads each of a tile's 16 rows
+//! from its own page. The micro-kernel keeps a 32 × 32 block of `C` in four tiles (2 `A` × 2
+//! `B` loads per 4 products) over every part and the whole of `k`. Each rayon task owns a
+//! 128 × 256 block of `C`.
 //!
 //! Only whole tiles run here (`m`, `n` multiples of 32, `k` of 16 pairs): `bf16::gemm` sends the
 //! edges to the `vdpbf16ps` kernel. Linux hands out AMX state only on request
@@ -21,7 +22,6 @@ pub const BLOCK: usize = 32;
 pub const KSTEP: usize = 16;
 const MB: usize = 128;
 const NB: usize = 256;
-const KC: usize = 256;
 
 /// Whether AMX-BF16 runs here: the CPU has it, the OS saves its state, and the process was
 /// granted it. Asked once; `EASEL_AMX=0` turns it off (to compare).
@@ -72,6 +72,93 @@ struct Ptrs {
 unsafe impl Send for Ptrs {}
 unsafe impl Sync for Ptrs {}
 
+/// Where one operand's tiles lie. A tile is 16 rows × 16 pairs of `A` or 16 pair rows × 16
+/// columns of `B`; the micro-kernel loads two of them per step (rows or columns `+16`), then
+/// moves 16 pairs along `k`.
+///
+/// Row-major operands load each tile row from its own place in memory: 16 rows a whole row
+/// stride apart (the GEGLU weight's rows are 40 KiB apart, so one tile load touched 16 pages).
+/// *Panels* store each run of 16 rows (of `A`) or 16 columns (of `B`) as `k/16` tiles of
+/// 1 KiB back to back, so every tile load reads one contiguous KiB and the next step's tile
+/// follows it: the layout weights are packed into once, at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Operand {
+    /// Elements between rows (of `A`) / columns (of `B`) `x` and `x + 1`, in the tile grid's
+    /// outer index (a multiple of 16 is always where a tile starts).
+    outer: usize,
+    /// Elements between pairs `p` and `p + 1` along `k` (at a tile start).
+    inner: usize,
+    /// Elements between two rows of one tile (`tileloadd`'s stride).
+    ld: usize,
+}
+
+impl Operand {
+    /// A row-major `A` (`m` rows of pairs, `lda` apart).
+    pub fn a_rows(lda: usize) -> Self {
+        Self {
+            outer: lda,
+            inner: 1,
+            ld: lda,
+        }
+    }
+
+    /// A row-major `B` (pair rows of `n` columns, `ldb` apart).
+    pub fn b_rows(ldb: usize) -> Self {
+        Self {
+            outer: 1,
+            inner: ldb,
+            ld: ldb,
+        }
+    }
+
+    /// Panels of 16 ([`pack_a_panels`], [`pack_b_panels`]) over `k` pairs, a multiple of
+    /// [`KSTEP`].
+    pub fn panels(k: usize) -> Self {
+        Self {
+            outer: k,
+            inner: KSTEP,
+            ld: KSTEP,
+        }
+    }
+
+    /// Offset of the tile at outer index `x` (a multiple of 16) and pair `p` (of 16).
+    #[inline(always)]
+    fn at(self, x: usize, p: usize) -> usize {
+        x * self.outer + p * self.inner
+    }
+}
+
+/// An `A` operand (`rows × k` pairs, `src(r, q)`) as panels of 16 rows: panel `r/16` holds
+/// `k/16` tiles of 16 rows × 16 pairs, each row-major, back to back ([`a_panel_index`]).
+/// `rows` must be a multiple of 16 and `k` of [`KSTEP`].
+pub fn pack_a_panels(rows: usize, k: usize, src: impl Fn(usize, usize) -> u32 + Sync) -> Vec<u32> {
+    debug_assert!(rows.is_multiple_of(16) && k.is_multiple_of(KSTEP));
+    super::par_filled(rows * k, 16 * k, |panel, d| {
+        for (i, v) in d.iter_mut().enumerate() {
+            let (t, r, q) = (i / 256, i / KSTEP % 16, i % KSTEP);
+            *v = src(panel * 16 + r, t * KSTEP + q);
+        }
+    })
+}
+
+/// Where [`pack_a_panels`] puts row `r`, pair `q` of a `k`-pair operand.
+#[inline(always)]
+pub fn a_panel_index(r: usize, q: usize, k: usize) -> usize {
+    (r / 16) * 16 * k + (q / KSTEP) * 256 + (r % 16) * KSTEP + q % KSTEP
+}
+
+/// A `B` operand (`k` pair rows × `cols` columns, `src(q, c)`) as panels of 16 columns: panel
+/// `c/16` is its `k × 16` strip, row-major, so each 16-pair-row step is one contiguous tile.
+/// `cols` must be a multiple of 16 and `k` of [`KSTEP`].
+pub fn pack_b_panels(k: usize, cols: usize, src: impl Fn(usize, usize) -> u32 + Sync) -> Vec<u32> {
+    debug_assert!(cols.is_multiple_of(16) && k.is_multiple_of(KSTEP));
+    super::par_filled(cols * k, 16 * k, |panel, d| {
+        for (i, v) in d.iter_mut().enumerate() {
+            *v = src(i / 16, panel * 16 + i % 16);
+        }
+    })
+}
+
 /// `C += Σ_parts A_part · B_part` (see [`super::bf16::gemm`]), on whole tiles only.
 ///
 /// # Safety
@@ -81,20 +168,22 @@ unsafe impl Sync for Ptrs {}
 /// `0..n` inside `c`, and nothing else touches `c` meanwhile.
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn gemm(d: Dims, parts: &[(usize, usize)], a: *const u32, b: *const u32, c: *mut f32) {
-    gemm_on(d, parts, a, b, c, true, false)
+    let (oa, ob) = (Operand::a_rows(d.lda), Operand::b_rows(d.ldb));
+    gemm_on(d, parts, (a, oa), (b, ob), c, true, false)
 }
 
-/// [`gemm`], on the calling thread only when `parallel` is false (callers already inside a
-/// rayon task); `overwrite` computes `C = Σ A·B`, ignoring what `C` held.
+/// [`gemm`] with each operand in its own layout, on the calling thread only when `parallel`
+/// is false (callers already inside a rayon task); `overwrite` computes `C = Σ A·B`, ignoring
+/// what `C` held. `d.lda` and `d.ldb` are not read (the operands carry their layouts).
 ///
 /// # Safety
-/// As for [`gemm`].
+/// As for [`gemm`], with each operand's extent given by its layout.
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn gemm_on(
     d: Dims,
     parts: &[(usize, usize)],
-    a: *const u32,
-    b: *const u32,
+    (a, oa): (*const u32, Operand),
+    (b, ob): (*const u32, Operand),
     c: *mut f32,
     parallel: bool,
     overwrite: bool,
@@ -106,26 +195,26 @@ pub unsafe fn gemm_on(
         return;
     }
     let p = Ptrs { a, b, c };
-    // Equal chunks of at most KC pairs (320 → 2 × 160, not 256 + 64).
-    let kc = d.k.div_ceil(d.k.div_ceil(KC)).next_multiple_of(KSTEP);
     let nblocks = d.n.div_ceil(NB);
     let tasks = d.m.div_ceil(MB) * nblocks;
+    // Each 32 × 32 block of C stays in the tiles over every part and the whole of k: one load
+    // and one store of C per block instead of one per part and k chunk (a 3×3 convolution
+    // loaded and stored C 9 times). Round-robin in examples/amxbench: the convolutions
+    // 613 → 793 GFLOP/s (2×640@32²), 668 → 737–888 (2×1280@16²), 458 → 544 (2×320@64²).
     let task = move |t: usize| {
         let p = p;
         let (m0, n0) = ((t / nblocks) * MB, (t % nblocks) * NB);
         let (m1, n1) = ((m0 + MB).min(d.m), (n0 + NB).min(d.n));
-        for (pi, &(ao, bo)) in parts.iter().enumerate() {
-            for k0 in (0..d.k).step_by(kc) {
-                let steps = kc.min(d.k - k0) / KSTEP;
-                let load = !(overwrite && pi == 0 && k0 == 0);
-                for j in (n0..n1).step_by(BLOCK) {
-                    let bp = p.b.add(bo + k0 * d.ldb + j);
-                    for i in (m0..m1).step_by(BLOCK) {
-                        let ap = p.a.add(ao + i * d.lda + k0);
-                        let cp = p.c.add(i * d.ldc + j);
-                        x86::block(load, steps, ap, d.lda, KSTEP, bp, d.ldb, cp, d.ldc);
-                    }
+        for j in (n0..n1).step_by(BLOCK) {
+            for i in (m0..m1).step_by(BLOCK) {
+                let cp = p.c.add(i * d.ldc + j);
+                x86::c_begin(!overwrite, cp, d.ldc);
+                for &(ao, bo) in parts {
+                    let ap = p.a.add(ao + oa.at(i, 0));
+                    let bp = p.b.add(bo + ob.at(j, 0));
+                    x86::products(d.k / KSTEP, ap, oa, bp, ob);
                 }
+                x86::c_end(cp, d.ldc);
             }
         }
     };
@@ -173,7 +262,12 @@ impl Tiles {
         (b, ldb): (*const u32, usize),
         (c, ldc): (*mut f32, usize),
     ) {
-        x86::block(!overwrite, steps, a, lda, astep, b, ldb, c, ldc);
+        let oa = Operand {
+            outer: lda,
+            inner: astep / KSTEP,
+            ld: lda,
+        };
+        x86::block(!overwrite, steps, a, oa, b, Operand::b_rows(ldb), c, ldc);
     }
 }
 
@@ -187,7 +281,7 @@ impl Drop for Tiles {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::KSTEP;
+    use super::{Operand, KSTEP};
     use std::arch::asm;
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 
@@ -226,22 +320,28 @@ mod x86 {
     }
 
     /// `C[0..32, 0..32] += A[0..32, 0..16·steps] · B[0..16·steps, 0..32]` (`=` when `load` is
-    /// false); strides in elements. Step `s` reads its `A` tiles at `a + s·astep` (`KSTEP` for
-    /// a row-major `A`; more for one stored as panels of 16 pairs).
+    /// false); `C`'s stride in elements, each operand's tiles where its layout puts them.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     pub(super) unsafe fn block(
         load: bool,
         steps: usize,
         a: *const u32,
-        lda: usize,
-        astep: usize,
+        oa: Operand,
         b: *const u32,
-        ldb: usize,
+        ob: Operand,
         c: *mut f32,
         ldc: usize,
     ) {
-        let (sa, sb, sc) = (lda * 4, ldb * 4, ldc * 4);
+        c_begin(load, c, ldc);
+        products(steps, a, oa, b, ob);
+        c_end(c, ldc);
+    }
+
+    /// Loads the 2 × 2 `C` tiles (tmm0–3) from `c`, or zeroes them when `load` is false.
+    #[inline]
+    pub(super) unsafe fn c_begin(load: bool, c: *mut f32, ldc: usize) {
+        let sc = ldc * 4;
         let (c1, c2, c3) = (c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
         if load {
             asm!(
@@ -261,8 +361,37 @@ mod x86 {
                 options(nostack, nomem)
             );
         }
-        let (mut a0, mut a1) = (a, a.add(16 * lda));
-        let (mut b0, mut b1) = (b, b.add(16));
+    }
+
+    /// Stores tmm0–3 to `c`.
+    #[inline]
+    pub(super) unsafe fn c_end(c: *mut f32, ldc: usize) {
+        let sc = ldc * 4;
+        let (c1, c2, c3) = (c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
+        asm!(
+            "tilestored [{c0} + {sc}*1], tmm0",
+            "tilestored [{c1} + {sc}*1], tmm1",
+            "tilestored [{c2} + {sc}*1], tmm2",
+            "tilestored [{c3} + {sc}*1], tmm3",
+            c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, sc = in(reg) sc,
+            options(nostack),
+        );
+    }
+
+    /// `tmm0–3 += A[0..32, 0..16·steps] · B[0..16·steps, 0..32]`.
+    #[inline]
+    pub(super) unsafe fn products(
+        steps: usize,
+        a: *const u32,
+        oa: Operand,
+        b: *const u32,
+        ob: Operand,
+    ) {
+        let (lda, ldb) = (oa.ld, ob.ld);
+        let (astep, bstep) = (KSTEP * oa.inner, KSTEP * ob.inner);
+        let (sa, sb) = (lda * 4, ldb * 4);
+        let (mut a0, mut a1) = (a, a.add(16 * oa.outer));
+        let (mut b0, mut b1) = (b, b.add(16 * ob.outer));
         for s in 0..steps {
             if s + 1 < steps {
                 // The next step's A and B rows (one cache line each): a tile load that misses
@@ -272,8 +401,8 @@ mod x86 {
                 for r in 0..16 {
                     prefetch(a0.add(astep + r * lda));
                     prefetch(a1.add(astep + r * lda));
-                    prefetch(b0.add((KSTEP + r) * ldb));
-                    prefetch(b1.add((KSTEP + r) * ldb));
+                    prefetch(b0.add(bstep + r * ldb));
+                    prefetch(b1.add(bstep + r * ldb));
                 }
             }
             asm!(
@@ -291,16 +420,8 @@ mod x86 {
             );
             a0 = a0.add(astep);
             a1 = a1.add(astep);
-            b0 = b0.add(KSTEP * ldb);
-            b1 = b1.add(KSTEP * ldb);
+            b0 = b0.add(bstep);
+            b1 = b1.add(bstep);
         }
-        asm!(
-            "tilestored [{c0} + {sc}*1], tmm0",
-            "tilestored [{c1} + {sc}*1], tmm1",
-            "tilestored [{c2} + {sc}*1], tmm2",
-            "tilestored [{c3} + {sc}*1], tmm3",
-            c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, sc = in(reg) sc,
-            options(nostack),
-        );
     }
 }

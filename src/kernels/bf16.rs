@@ -251,6 +251,78 @@ unsafe fn gemm_amx(d: Dims, parts: &[(usize, usize)], a: *const u32, b: *const u
     }
 }
 
+/// `C += Σ_parts A_part · B_part` on AMX tiles with each `A` part packed as tile panels
+/// ([`amx::pack_a_panels`]: a convolution's taps) and `B` row-major (`d.ldb`, the padded image);
+/// `d.lda` is not read.
+///
+/// # Safety
+/// As for [`gemm`], [`amx::available`], and `m`, `n` multiples of [`amx::BLOCK`], `k` of
+/// [`amx::KSTEP`] (nothing falls to an edge kernel that would need row-major weights).
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn gemm_a_panels(d: Dims, parts: &[(usize, usize)], a: &[u32], b: &[u32], c: *mut f32) {
+    use amx::Operand;
+    assert!(
+        d.m.is_multiple_of(amx::BLOCK)
+            && d.n.is_multiple_of(amx::BLOCK)
+            && d.k.is_multiple_of(amx::KSTEP),
+        "panel GEMM on a partial tile: {d:?}"
+    );
+    let (oa, ob) = (Operand::panels(d.k), Operand::b_rows(d.ldb));
+    amx::gemm_on(d, parts, (a.as_ptr(), oa), (b.as_ptr(), ob), c, true, false)
+}
+
+/// `C += A · B` on AMX tiles, `A` row-major (`d.lda`), `B` packed as tile panels
+/// ([`amx::pack_b_panels`]: the linear layers' weights); `n` must be a multiple of
+/// [`amx::BLOCK`] and `k` of [`amx::KSTEP`] pairs, as panels require. The last `m % 32` rows
+/// run on a zero-padded copy of themselves (the tiles take only whole blocks).
+///
+/// # Safety
+/// [`amx::available`]; `A` rows `0..m` × pairs `0..k` inside `a`, `b` holds `n × k` panel
+/// pairs, `C` rows `0..m` × columns `0..n` inside `c`, and nothing else touches `c`.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn gemm_b_panels(d: Dims, a: &[u32], b: &[u32], c: *mut f32) {
+    use amx::{Operand, BLOCK};
+    debug_assert!(d.n.is_multiple_of(BLOCK) && d.k.is_multiple_of(amx::KSTEP));
+    debug_assert!(b.len() >= d.n * d.k && a.len() >= d.m.saturating_sub(1) * d.lda + d.k);
+    let ob = Operand::panels(d.k);
+    let m32 = d.m / BLOCK * BLOCK;
+    let whole = Dims { m: m32, ..d };
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    amx::gemm_on(
+        whole,
+        &[(0, 0)],
+        (pa, Operand::a_rows(d.lda)),
+        (pb, ob),
+        c,
+        true,
+        false,
+    );
+    let rest = d.m - m32;
+    if rest == 0 {
+        return;
+    }
+    let mut ar = vec![0u32; BLOCK * d.k];
+    let mut cr = vec![0f32; BLOCK * d.n];
+    for i in 0..rest {
+        let src = &a[(m32 + i) * d.lda..][..d.k];
+        ar[i * d.k..(i + 1) * d.k].copy_from_slice(src);
+        let row = std::slice::from_raw_parts(c.add((m32 + i) * d.ldc), d.n);
+        cr[i * d.n..(i + 1) * d.n].copy_from_slice(row);
+    }
+    let dr = Dims {
+        m: BLOCK,
+        lda: d.k,
+        ldc: d.n,
+        ..d
+    };
+    let (ra, rc) = ((ar.as_ptr(), Operand::a_rows(d.k)), cr.as_mut_ptr());
+    amx::gemm_on(dr, &[(0, 0)], ra, (pb, ob), rc, true, false);
+    for i in 0..rest {
+        let row = std::slice::from_raw_parts_mut(c.add((m32 + i) * d.ldc), d.n);
+        row.copy_from_slice(&cr[i * d.n..(i + 1) * d.n]);
+    }
+}
+
 /// Unpacks each part to f32 and lets gemm's f32 kernel accumulate it (CPUs without AVX-512
 /// BF16; also the oracle the native kernel is tested against).
 unsafe fn fallback(d: Dims, parts: &[(usize, usize)], a: &[u32], b: &[u32], c: *mut f32) {

@@ -15,12 +15,14 @@ pub struct Linear {
 #[derive(Debug, Clone)]
 enum Kind {
     Candle(nn::Linear),
-    /// Weight as `B` pairs: `ceil(k/2)` rows of `n` (see `bf16`).
+    /// Weight as `B` pairs: `ceil(k/2)` rows of `n` (see `bf16`), or, where AMX runs and the
+    /// shape is whole tiles, as tile panels (`amx::pack_b_panels`; `panels` is then true).
     Dot {
         w: Arc<Vec<u32>>,
         k: usize,
         n: usize,
         bias: Option<Arc<Vec<f32>>>,
+        panels: bool,
     },
     /// f32 weights as loaded, or bf16 widened to f32 block by block for each product.
     Cpu(Arc<CpuLinear>),
@@ -120,6 +122,12 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vs: nn::VarBuilder) -> Resu
 
 impl Linear {
     /// Whether the weights are bf16 on the CPU (the layer belongs to a `--dtype bf16` model).
+    /// Whether the weight is stored as AMX tile panels.
+    #[cfg(test)]
+    fn panels(&self) -> bool {
+        matches!(self.kind, Kind::Dot { panels: true, .. })
+    }
+
     pub fn is_bf16(&self) -> bool {
         match &self.kind {
             Kind::Candle(l) => l.weight().dtype() == DType::BF16,
@@ -164,16 +172,32 @@ impl Linear {
         let kind = match path {
             Path::Dot => {
                 let kp = k.div_ceil(2);
-                let mut packed = vec![0u32; kp * n];
-                for (p, row) in packed.chunks_mut(n).enumerate() {
-                    for (j, v) in row.iter_mut().enumerate() {
-                        let lo = bits[j * k + 2 * p].to_bits() as u32;
-                        let hi = if 2 * p + 1 < k {
-                            bits[j * k + 2 * p + 1].to_bits() as u32
-                        } else {
-                            0
-                        };
-                        *v = lo | hi << 16;
+                let at = |j: usize, p: usize| {
+                    let lo = bits[j * k + 2 * p].to_bits() as u32;
+                    let hi = if 2 * p + 1 < k {
+                        bits[j * k + 2 * p + 1].to_bits() as u32
+                    } else {
+                        0
+                    };
+                    lo | hi << 16
+                };
+                // Tile panels: a row-major weight put each of a `B` tile's 16 rows a whole
+                // weight row apart (40 KiB for the 1280 → 10240 GEGLU projection, so 16 pages
+                // per tile load). Round-robin in examples/amxbench: that projection 536 → 811
+                // GFLOP/s, 320 → 2560 577 → 719, 640 → 640 671 → 932.
+                let panels = bf16::kernel() == bf16::Kernel::Amx
+                    && n.is_multiple_of(super::amx::BLOCK)
+                    && kp.is_multiple_of(super::amx::KSTEP);
+                let mut packed = if panels {
+                    super::amx::pack_b_panels(kp, n, |p, j| at(j, p))
+                } else {
+                    vec![0u32; kp * n]
+                };
+                if !panels {
+                    for (p, row) in packed.chunks_mut(n).enumerate() {
+                        for (j, v) in row.iter_mut().enumerate() {
+                            *v = at(j, p);
+                        }
                     }
                 }
                 let bias = match inner.bias() {
@@ -185,6 +209,7 @@ impl Linear {
                     k,
                     n,
                     bias,
+                    panels,
                 }
             }
             Path::Widen => Kind::Cpu(Arc::new(CpuLinear {
@@ -209,7 +234,13 @@ impl Module for Linear {
                 .to_dtype(DType::F32)?
                 .contiguous()?
                 .apply_op1_no_bwd(op.as_ref()),
-            Kind::Dot { w, k, n, bias } => {
+            Kind::Dot {
+                w,
+                k,
+                n,
+                bias,
+                panels,
+            } => {
                 let xs = xs.to_dtype(DType::F32)?.contiguous()?;
                 let mut dims = xs.dims().to_vec();
                 let rows = xs.elem_count() / k;
@@ -233,8 +264,13 @@ impl Module for Linear {
                     ldb: *n,
                     ldc: *n,
                 };
-                // SAFETY: `a` is rows × kp, `w` kp × n, `out` rows × n, all contiguous.
-                unsafe { bf16::gemm(d, &[(0, 0)], &a, w, out.as_mut_ptr()) };
+                // SAFETY: `a` is rows × kp, `w` kp × n (as pair rows or panels), `out` rows × n,
+                // all contiguous; panels exist only where AMX runs.
+                match panels {
+                    #[cfg(target_arch = "x86_64")]
+                    true => unsafe { bf16::gemm_b_panels(d, &a, w, out.as_mut_ptr()) },
+                    _ => unsafe { bf16::gemm(d, &[(0, 0)], &a, w, out.as_mut_ptr()) },
+                }
                 *dims.last_mut().unwrap() = *n;
                 Tensor::from_vec(out, dims, xs.device())
             }
@@ -286,6 +322,11 @@ mod tests {
             (2 * 77, 33, 50),
             (5, 64, 130),
             (3, 40, 600),
+            // Whole tiles (panels on AMX): rows in whole blocks, with a remainder, and fewer
+            // than one block.
+            (16, 32, 64),
+            (77, 64, 96),
+            (5, 96, 128),
         ] {
             let x = Tensor::randn(0f32, 1.0, (2, rows, k), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(DType::BF16)?;
@@ -297,7 +338,11 @@ mod tests {
                 let reference = nn::Linear::new(wf.clone(), bias.then(|| bf.clone()));
                 for path in [Path::Dot, Path::Widen] {
                     let inner = nn::Linear::new(w.clone(), bias.then(|| b.clone()));
-                    let got = Linear::with_path(inner, path)?.forward(&x)?;
+                    let lin = Linear::with_path(inner, path)?;
+                    let tiles = k % 32 == 0 && n % 32 == 0 && path == Path::Dot;
+                    let amx = bf16::kernel() == bf16::Kernel::Amx;
+                    assert_eq!(lin.panels(), tiles && amx, "{rows}x{k}x{n}: panels");
+                    let got = lin.forward(&x)?;
                     let want = reference.forward(if path == Path::Dot { &xr } else { &x })?;
                     assert_eq!(got.dims(), want.dims());
                     let err = crate::kernels::max_abs_diff(&got, &want)?;
