@@ -72,6 +72,9 @@ fn main() {
         ("conv 2x640@32 (9 taps, 640 in)", 640, 2272, 320, 9, 2315),
         ("linear 512x1280->10240 (GEGLU)", 512, 10240, 640, 1, 10240),
         ("linear 2048x640->640", 2048, 640, 320, 1, 640),
+        // One task (one core), its operands resident in L2: the kernel without memory.
+        ("hot: one 128x256 task, 9 taps", 128, 256, 160, 9, 300),
+        ("hot: one 128x256 task, 1 part", 128, 256, 640, 1, 256),
     ];
     for (name, m, n, k, parts, ldb) in shapes {
         let a: Vec<u32> = (0..parts * m * k)

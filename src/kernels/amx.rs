@@ -8,7 +8,7 @@
 //! ([`pack_a_panels`], [`pack_b_panels`], [`Operand::panels`]): a row-major weight loads each of a tile's 16 rows
 //! from its own page. The micro-kernel keeps a 32 × 32 block of `C` in four tiles (2 `A` × 2
 //! `B` loads per 4 products) over every part and the whole of `k`. Each rayon task owns a
-//! 128 × 256 block of `C`.
+//! 128 × 256 block of `C` (64 × 256 when the parts make its `A` large: the 3×3 convolutions).
 //!
 //! Only whole tiles run here (`m`, `n` multiples of 32, `k` of 16 pairs): `bf16::gemm` sends the
 //! edges to the `vdpbf16ps` kernel. Linux hands out AMX state only on request
@@ -20,8 +20,9 @@ use rayon::prelude::*;
 pub const BLOCK: usize = 32;
 /// Pairs per `tdpbf16ps` (a tile row is 64 bytes).
 pub const KSTEP: usize = 16;
-const MB: usize = 128;
 const NB: usize = 256;
+/// The most bytes of `A` (rows × k × parts) one task should stream per pass over its columns.
+const A_BLOCK_BYTES: usize = 512 << 10;
 
 /// Whether AMX-BF16 runs here: the CPU has it, the OS saves its state, and the process was
 /// granted it. Asked once; `EASEL_AMX=0` turns it off (to compare).
@@ -195,16 +196,23 @@ pub unsafe fn gemm_on(
         return;
     }
     let p = Ptrs { a, b, c };
+    // 128 rows per task unless that task's A (every part) passes A_BLOCK_BYTES, which with
+    // the B strip no longer stays in this machine's 2 MB L2: the 3×3 convolutions' 9 taps.
+    // Round-robin in examples/amxbench, 128 → 64 rows: 2×1280@16² 1147 → 1288 GFLOP/s,
+    // 2×640@32² 1241 → 1345, 2×320@64² 946 → 974; the linear layers keep 128 (128 × 640
+    // pairs is 320 KB) where 64 measured slower or the same.
+    let a_bytes = 128 * d.k * parts.len() * 4;
+    let mb = if a_bytes <= A_BLOCK_BYTES { 128 } else { 64 };
     let nblocks = d.n.div_ceil(NB);
-    let tasks = d.m.div_ceil(MB) * nblocks;
+    let tasks = d.m.div_ceil(mb) * nblocks;
     // Each 32 × 32 block of C stays in the tiles over every part and the whole of k: one load
     // and one store of C per block instead of one per part and k chunk (a 3×3 convolution
     // loaded and stored C 9 times). Round-robin in examples/amxbench: the convolutions
     // 613 → 793 GFLOP/s (2×640@32²), 668 → 737–888 (2×1280@16²), 458 → 544 (2×320@64²).
     let task = move |t: usize| {
         let p = p;
-        let (m0, n0) = ((t / nblocks) * MB, (t % nblocks) * NB);
-        let (m1, n1) = ((m0 + MB).min(d.m), (n0 + NB).min(d.n));
+        let (m0, n0) = ((t / nblocks) * mb, (t % nblocks) * NB);
+        let (m1, n1) = ((m0 + mb).min(d.m), (n0 + NB).min(d.n));
         for j in (n0..n1).step_by(BLOCK) {
             for i in (m0..m1).step_by(BLOCK) {
                 let cp = p.c.add(i * d.ldc + j);
@@ -288,6 +296,24 @@ mod x86 {
     #[inline(always)]
     unsafe fn prefetch(p: *const u32) {
         _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+    }
+
+    /// The 16 rows of the tile at `p` (`ld` elements apart). A panel tile (`ld` = 16) is one
+    /// contiguous KiB: constant offsets. Otherwise the rows are walked by adding the stride
+    /// (the 64 addresses of a step, precomputed, spilled a dozen registers to the stack).
+    #[inline(always)]
+    unsafe fn prefetch_tile(p: *const u32, ld: usize) {
+        if ld == KSTEP {
+            for r in 0..16 {
+                prefetch(p.add(r * KSTEP));
+            }
+        } else {
+            let mut q = p;
+            for _ in 0..16 {
+                prefetch(q);
+                q = q.add(ld);
+            }
+        }
     }
 
     /// Palette 1, all eight tiles 16 rows × 64 bytes: tmm0–3 the 2 × 2 `C` tiles (f32),
@@ -398,12 +424,10 @@ mod x86 {
                 // L1 stalls the products behind it, and the hardware prefetchers do not follow
                 // tile loads. Measured on the conv/linear shapes of examples/amxbench: 360 →
                 // 600–1000 GFLOP/s (2 cores; this machine's timings move ±40% run to run).
-                for r in 0..16 {
-                    prefetch(a0.add(astep + r * lda));
-                    prefetch(a1.add(astep + r * lda));
-                    prefetch(b0.add(bstep + r * ldb));
-                    prefetch(b1.add(bstep + r * ldb));
-                }
+                prefetch_tile(a0.add(astep), lda);
+                prefetch_tile(a1.add(astep), lda);
+                prefetch_tile(b0.add(bstep), ldb);
+                prefetch_tile(b1.add(bstep), ldb);
             }
             asm!(
                 "tileloadd tmm4, [{a0} + {sa}*1]",
