@@ -130,7 +130,7 @@ impl Operand {
 }
 
 /// An `A` operand (`rows × k` pairs, `src(r, q)`) as panels of 16 rows: panel `r/16` holds
-/// `k/16` tiles of 16 rows × 16 pairs, each row-major, back to back ([`a_panel_index`]).
+/// `k/16` tiles of 16 rows × 16 pairs, each row-major, back to back.
 /// `rows` must be a multiple of 16 and `k` of [`KSTEP`].
 pub fn pack_a_panels(rows: usize, k: usize, src: impl Fn(usize, usize) -> u32 + Sync) -> Vec<u32> {
     debug_assert!(rows.is_multiple_of(16) && k.is_multiple_of(KSTEP));
@@ -140,12 +140,6 @@ pub fn pack_a_panels(rows: usize, k: usize, src: impl Fn(usize, usize) -> u32 + 
             *v = src(panel * 16 + r, t * KSTEP + q);
         }
     })
-}
-
-/// Where [`pack_a_panels`] puts row `r`, pair `q` of a `k`-pair operand.
-#[inline(always)]
-pub fn a_panel_index(r: usize, q: usize, k: usize) -> usize {
-    (r / 16) * 16 * k + (q / KSTEP) * 256 + (r % 16) * KSTEP + q % KSTEP
 }
 
 /// A `B` operand (`k` pair rows × `cols` columns, `src(q, c)`) as panels of 16 columns: panel

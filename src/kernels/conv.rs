@@ -372,12 +372,11 @@ impl CustomOp1 for TapsOp {
         let x = super::f32_slice(s, l, "conv")?;
         // bf16 pairs on AMX tiles run the 9 taps at up to 16× the f32 rate, which beats
         // Winograd's f32 GEMMs at every UNet level (examples/wbench: 2×320@64² 49 vs 53 ms,
-        // 2×1280@16² 62 vs 99 ms); at the VAE's 128²+ levels the two tie or Winograd wins
-        // (1×128@512² 238 vs 302 ms), so it keeps those.
+        // 2×1280@16² 62 vs 99 ms) and, since the weights are tile panels, at the VAE's too
+        // (1×256@256² 111–148 vs 162–175 ms, 1×128@512² 157–168 vs 190–228, 1×512@128²
+        // 91–139 vs 121–145: two runs).
         let amx = bf16::kernel() == bf16::Kernel::Amx;
-        let amx_taps = amx
-            && matches!(pc.w, TapWeights::Pairs(_) | TapWeights::Panels(_))
-            && h * wd < 128 * 128;
+        let amx_taps = amx && matches!(pc.w, TapWeights::Pairs(_) | TapWeights::Panels(_));
         let tile = (self.1 && kh == 3 && kw == 3 && p == 1 && !amx_taps)
             .then(|| winograd::pays(n, h, wd))
             .flatten();
@@ -386,7 +385,7 @@ impl CustomOp1 for TapsOp {
                 TapWeights::F32(w) => winograd::Taps::F32(w),
                 TapWeights::Widen(w) => winograd::Taps::Bf16(w),
                 TapWeights::Pairs(w) => winograd::Taps::Pairs(w),
-                TapWeights::Panels(w) => winograd::Taps::Panels(w),
+                TapWeights::Panels(_) => unreachable!("panels exist only where AMX takes the taps"),
             };
             let dims = (n, cin, h, wd);
             let out = winograd::conv3x3(x, dims, taps, pc.cout, pc.bias.as_deref(), tile);
@@ -521,7 +520,7 @@ mod tests {
         for &(n, cin, cout, h, w) in &[
             (2usize, 5usize, 7usize, 33usize, 30usize),
             (1, 16, 9, 40, 29),
-            // Whole tiles (AMX panels) at a size that keeps Winograd on AMX too.
+            // Whole tiles (AMX panels on the dot path), at the VAE's smallest Winograd size.
             (1, 64, 32, 128, 128),
         ] {
             assert_eq!(winograd::pays(n, h, w), Some(winograd::Tile::F4));
@@ -536,7 +535,7 @@ mod tests {
             let want = conv_of(&x)?;
             // On AMX, bf16 pairs at these sizes run as tap GEMMs on the tiles (the input
             // rounded to bf16 as it is paired), not Winograd.
-            let amx = bf16::kernel() == bf16::Kernel::Amx && h * w < 128 * 128;
+            let amx = bf16::kernel() == bf16::Kernel::Amx;
             let want_dot = if amx {
                 conv_of(&f32(&x.to_dtype(DType::BF16)?)?)?
             } else {

@@ -95,8 +95,6 @@ pub enum Taps<'a> {
     Bf16(&'a [half::bf16]),
     /// bf16 pairs along `cin` (`9 × cout × ceil(cin/2)`), low half the even channel.
     Pairs(&'a [u32]),
-    /// The same pairs, each tap as AMX tile panels (`amx::pack_a_panels`).
-    Panels(&'a [u32]),
 }
 
 impl Taps<'_> {
@@ -110,16 +108,11 @@ impl Taps<'_> {
                     *d = s.to_f32();
                 }
             }
-            Taps::Pairs(w) | Taps::Panels(w) => {
+            Taps::Pairs(w) => {
                 let cp = cin.div_ceil(2);
-                let panels = matches!(self, Taps::Panels(_));
                 for (j, d) in dst.iter_mut().enumerate() {
                     let (co, ci) = ((e0 + j) / cin, (e0 + j) % cin);
-                    let at = match panels {
-                        true => t * cout * cp + super::amx::a_panel_index(co, ci / 2, cp),
-                        false => (t * cout + co) * cp + ci / 2,
-                    };
-                    let pair = w[at];
+                    let pair = w[(t * cout + co) * cp + ci / 2];
                     *d = f32::from_bits(if ci % 2 == 0 {
                         pair << 16
                     } else {
