@@ -9,6 +9,10 @@ use easel::pipeline::{GenerationRequest, Pipeline};
 use easel::weights::ModelSpec;
 use std::time::Instant;
 
+/// The binary's allocator (src/main.rs), so that these figures are the CLI's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn vm_hwm_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -180,7 +180,8 @@ fn advise_huge(addr: usize, bytes: usize) {
 
 /// Hands memory that was freed back to the kernel (glibc keeps freed heap pages of every arena
 /// otherwise: a released 1.7 GB bf16 UNet stayed resident through the VAE decode, which then
-/// peaked on top of it). A no-op elsewhere.
+/// peaked on top of it). A no-op elsewhere. The `easel` binary allocates with mimalloc, which
+/// returns freed segments on its own; this serves library users on glibc's allocator.
 pub fn return_freed_memory() {
     winograd::release_scratch();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
