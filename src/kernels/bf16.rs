@@ -162,6 +162,13 @@ fn amd() -> bool {
     }
 }
 
+/// Whether a weight of `outer` rows (`A`) or columns (`B`) × `k` pairs is stored as AMX tile
+/// panels: where AMX runs and the weight is whole tiles (`outer` of [`amx::BLOCK`], `k` of
+/// [`amx::KSTEP`]; every SD layer but the first and last convolution).
+pub fn panels_fit(outer: usize, k: usize) -> bool {
+    kernel() == Kernel::Amx && outer.is_multiple_of(amx::BLOCK) && k.is_multiple_of(amx::KSTEP)
+}
+
 /// Whether the native `vdpbf16ps` kernel runs on this CPU (otherwise the f32 fallback does).
 pub fn native() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -167,20 +167,18 @@ impl PackedConv {
                 TapWeights::Widen(tap_major(&v[o0..o1], size, taps))
             }
             (CpuStorage::BF16(v), Form::Pairs) => {
-                let pairs = tap_pairs(&v[o0..o1], cout, cin, taps);
+                let src = &v[o0..o1];
                 let cp = cin.div_ceil(2);
-                if bf16::kernel() == bf16::Kernel::Amx
-                    && cout.is_multiple_of(super::amx::BLOCK)
-                    && cp.is_multiple_of(super::amx::KSTEP)
-                {
-                    let plane = cout * cp;
-                    let mut panels = Vec::with_capacity(pairs.len());
-                    for t in pairs.chunks(plane) {
-                        panels.extend(super::amx::pack_a_panels(cout, cp, |r, q| t[r * cp + q]));
+                if bf16::panels_fit(cout, cp) {
+                    // Straight from the weights, tap by tap (no row-major copy first).
+                    let mut panels = Vec::with_capacity(taps * cout * cp);
+                    for t in 0..taps {
+                        let at = |co, q| tap_pair(src, cin, taps, co, q, t);
+                        panels.extend(super::amx::pack_a_panels(cout, cp, at));
                     }
                     TapWeights::Panels(panels)
                 } else {
-                    TapWeights::Pairs(pairs)
+                    TapWeights::Pairs(tap_pairs(src, cout, cin, taps))
                 }
             }
             _ => candle_core::bail!("conv: weights not in the dtype of their form"),
@@ -218,8 +216,16 @@ fn tap_major<T: Copy + Default + Send + Sync>(src: &[T], size: usize, taps: usiz
     v
 }
 
-/// bf16 `(cout, cin, taps)` weights → per tap `cout × ceil(cin/2)` channel pairs (an odd
-/// channel count pairs its last channel with zero).
+/// Channels `2q`, `2q + 1` of output channel `co`, tap `t`, of bf16 `(cout, cin, taps)` weights as
+/// one pair (an odd channel count pairs its last channel with zero).
+#[inline(always)]
+fn tap_pair(src: &[half::bf16], cin: usize, taps: usize, co: usize, q: usize, t: usize) -> u32 {
+    let at = |ci: usize| src[(co * cin + ci) * taps + t].to_bits() as u32;
+    let hi = if 2 * q + 1 < cin { at(2 * q + 1) } else { 0 };
+    at(2 * q) | hi << 16
+}
+
+/// bf16 `(cout, cin, taps)` weights → per tap `cout × ceil(cin/2)` channel pairs.
 fn tap_pairs(src: &[half::bf16], cout: usize, cin: usize, taps: usize) -> Vec<u32> {
     let cp = cin.div_ceil(2);
     let plane = cout * cp;
@@ -227,12 +233,10 @@ fn tap_pairs(src: &[half::bf16], cout: usize, cin: usize, taps: usize) -> Vec<u3
     let out = SendPtr(v.as_mut_ptr());
     (0..cout).into_par_iter().for_each(|co| {
         let out = &out;
-        let at = |ci: usize, t: usize| src[(co * cin + ci) * taps + t].to_bits() as u32;
         for q in 0..cp {
             for t in 0..taps {
-                let hi = if 2 * q + 1 < cin { at(2 * q + 1, t) } else { 0 };
                 // SAFETY: pair q of row co of tap t lies inside `v`; only task co writes it.
-                unsafe { *out.0.add(t * plane + co * cp + q) = at(2 * q, t) | hi << 16 };
+                unsafe { *out.0.add(t * plane + co * cp + q) = tap_pair(src, cin, taps, co, q, t) };
             }
         }
     });

@@ -121,13 +121,13 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vs: nn::VarBuilder) -> Resu
 }
 
 impl Linear {
-    /// Whether the weights are bf16 on the CPU (the layer belongs to a `--dtype bf16` model).
     /// Whether the weight is stored as AMX tile panels.
     #[cfg(test)]
     fn panels(&self) -> bool {
         matches!(self.kind, Kind::Dot { panels: true, .. })
     }
 
+    /// Whether the weights are bf16 on the CPU (the layer belongs to a `--dtype bf16` model).
     pub fn is_bf16(&self) -> bool {
         match &self.kind {
             Kind::Candle(l) => l.weight().dtype() == DType::BF16,
@@ -185,21 +185,12 @@ impl Linear {
                 // weight row apart (40 KiB for the 1280 → 10240 GEGLU projection, so 16 pages
                 // per tile load). Round-robin in examples/amxbench: that projection 536 → 811
                 // GFLOP/s, 320 → 2560 577 → 719, 640 → 640 671 → 932.
-                let panels = bf16::kernel() == bf16::Kernel::Amx
-                    && n.is_multiple_of(super::amx::BLOCK)
-                    && kp.is_multiple_of(super::amx::KSTEP);
-                let mut packed = if panels {
+                let panels = bf16::panels_fit(n, kp);
+                let packed = if panels {
                     super::amx::pack_b_panels(kp, n, |p, j| at(j, p))
                 } else {
-                    vec![0u32; kp * n]
+                    (0..kp * n).map(|i| at(i % n, i / n)).collect()
                 };
-                if !panels {
-                    for (p, row) in packed.chunks_mut(n).enumerate() {
-                        for (j, v) in row.iter_mut().enumerate() {
-                            *v = at(j, p);
-                        }
-                    }
-                }
                 let bias = match inner.bias() {
                     Some(b) => Some(Arc::new(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
                     None => None,
