@@ -233,7 +233,8 @@ impl Sdpa {
         let dp = d.div_ceil(2).next_multiple_of(amx::KSTEP);
         let nb = lk.div_ceil(W);
         let kp = nb * W / 2;
-        let dvp = dv.next_multiple_of(W);
+        // Output columns in whole tiles of 16: 48 for SD's 40 (the last 16 by `Tiles::narrow`).
+        let dvp = dv.next_multiple_of(16);
         // Kᵀ panels: per head, panel j holds pairs 0..dp of keys 32j..32j+32 (dp × 32).
         // Row r of head `bi` (of `heads` side by side) in a (batch, len, heads·w) buffer.
         let h = self.heads;
@@ -252,7 +253,7 @@ impl Sdpa {
                     }
                 }
             });
-        // V as pairs along the keys: kp rows × dvp columns (its tiles read 16 rows 256 B apart).
+        // V as pairs along the keys: kp rows × dvp columns (its tiles read 16 rows 4·dvp B apart).
         let mut vt = vec![0u32; b * kp * dvp];
         vt.par_chunks_mut(kp * dvp)
             .enumerate()
@@ -307,13 +308,18 @@ impl Sdpa {
                     x86::softmax_panels(scores, lk, scale, pp, &mut sums);
                     let vb = vt.as_ptr().add(bi * kp * dvp);
                     for c in (0..dvp).step_by(W) {
-                        tiles.block(
+                        let args = (
                             true,
                             nb,
                             (pp.as_ptr(), amx::KSTEP, W * amx::KSTEP),
                             (vb.add(c), dvp),
                             (o.as_mut_ptr().add(c), dvp),
                         );
+                        if c + W <= dvp {
+                            tiles.block(args.0, args.1, args.2, args.3, args.4);
+                        } else {
+                            tiles.narrow(args.0, args.1, args.2, args.3, args.4);
+                        }
                     }
                     drop(tiles);
                     let dst = &dst;
