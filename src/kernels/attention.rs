@@ -51,9 +51,43 @@ pub fn attention_bf16_heads(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
+    heads_with(q, k, v, heads, scale, true)
+}
+
+/// [`attention`] on the projections' own layout (as [`attention_bf16_heads`]): in place where
+/// the f32 tile kernel runs (AVX-512), which saves the f32 UNet four copies of 10 MB per
+/// attention at 64²; elsewhere split and merged around [`attention`].
+pub fn attention_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    heads_with(q, k, v, heads, scale, false)
+}
+
+fn heads_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    bf16: bool,
+) -> Result<Tensor> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if amx_attention() && f32_cpu(q) && f32_cpu(k) && f32_cpu(v) {
-        return sdpa(q, k, v, scale, true, heads);
+    let amx = bf16 && amx_attention();
+    let in_place = if bf16 { amx } else { tiled::f32_native() };
+    let (_, _, dq) = q.dims3()?;
+    let (_, _, dvv) = v.dims3()?;
+    if in_place
+        && f32_cpu(q)
+        && f32_cpu(k)
+        && f32_cpu(v)
+        && dq.is_multiple_of(heads)
+        && dvv.is_multiple_of(heads)
+    {
+        return sdpa(q, k, v, scale, amx, heads);
     }
     let split = |x: &Tensor| -> Result<Tensor> {
         let (b, l, hd) = x.dims3()?;
@@ -61,7 +95,12 @@ pub fn attention_bf16_heads(
             .transpose(1, 2)?
             .reshape((b * heads, l, hd / heads))
     };
-    let xs = attention_bf16(&split(q)?, &split(k)?, &split(v)?, scale)?;
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let xs = if bf16 {
+        attention_bf16(&q, &k, &v, scale)?
+    } else {
+        attention(&q, &k, &v, scale)?
+    };
     let (bh, l, dv) = xs.dims3()?;
     xs.reshape((bh / heads, heads, l, dv))?
         .transpose(1, 2)?
@@ -129,15 +168,19 @@ impl Sdpa {
         v: &[f32],
         (b, lq, lk, d, dv): (usize, usize, usize, usize, usize),
     ) -> Vec<f32> {
+        // Row r of head `bi` (of `heads` side by side) in a (batch, len, heads·w) buffer, and
+        // the stride between rows (w itself with one head).
+        let h = self.heads;
+        let row =
+            |bi: usize, len: usize, r: usize, w: usize| ((bi / h) * len + r) * h * w + (bi % h) * w;
         // Rows of Kᵀ and of the score block are `ld` apart, not `lk`: with 4096 keys the tiles
         // stepped 16 KiB between rows, so every row they touched fell in the same L1 set.
         let ld = padded(lk);
         // Kᵀ per batch·head, built once: the score tile reads 48 keys of one dimension at a time.
         let mut kt = vec![0f32; b * d * ld];
         kt.par_chunks_mut(d * ld).enumerate().for_each(|(bi, dst)| {
-            let kb = &k[bi * lk * d..(bi + 1) * lk * d];
-            for (j, row) in kb.chunks_exact(d).enumerate() {
-                for (c, &x) in row.iter().enumerate() {
+            for j in 0..lk {
+                for (c, &x) in k[row(bi, lk, j, d)..][..d].iter().enumerate() {
                     dst[c * ld + j] = x;
                 }
             }
@@ -158,7 +201,7 @@ impl Sdpa {
                     m: rows,
                     n: lk,
                     k: d,
-                    lda: d,
+                    lda: h * d,
                     ldb: ld,
                     ldc: ld,
                 };
@@ -167,13 +210,13 @@ impl Sdpa {
                     n: dv,
                     k: lk,
                     lda: ld,
-                    ldb: dv,
-                    ldc: dv,
+                    ldb: h * dv,
+                    ldc: h * dv,
                 };
                 // SAFETY: Q rows r0..r0+rows of head bi, Kᵀ (d × lk) and V (lk × dv) of head
                 // bi, the score buffer (≥ rows × lk) and this task's own rows of `out`.
                 unsafe {
-                    let qp = q.as_ptr().add((bi * lq + r0) * d);
+                    let qp = q.as_ptr().add(row(bi, lq, r0, d));
                     let ktp = kt.as_ptr().add(bi * d * ld);
                     tiled::gemm_on::<F32Fma>(
                         s_dims,
@@ -188,8 +231,8 @@ impl Sdpa {
                         .chunks_exact_mut(ld)
                         .map(|row| exp_row(&mut row[..lk], self.scale))
                         .collect();
-                    let vp = v.as_ptr().add(bi * lk * dv);
-                    let op = dst.0.add((bi * lq + r0) * dv);
+                    let vp = v.as_ptr().add(row(bi, lk, 0, dv));
+                    let op = dst.0.add(row(bi, lq, r0, dv));
                     tiled::gemm_on::<F32Fma>(
                         o_dims,
                         &[(0, 0)],
@@ -200,10 +243,10 @@ impl Sdpa {
                         true,
                     );
                     // The softmax's division, on the output rows.
-                    let o = std::slice::from_raw_parts_mut(op, rows * dv);
-                    for (row, s) in o.chunks_exact_mut(dv).zip(sums) {
+                    for (r, s) in sums.into_iter().enumerate() {
+                        let o = std::slice::from_raw_parts_mut(op.add(r * h * dv), dv);
                         let inv = 1.0 / s;
-                        row.iter_mut().for_each(|x| *x *= inv);
+                        o.iter_mut().for_each(|x| *x *= inv);
                     }
                 }
             },
@@ -464,8 +507,8 @@ impl CustomOp3 for Sdpa {
             f32_slice(s3, l3, "sdpa")?,
         );
         let h = self.heads;
-        if h != 1 && (!self.amx || d % h != 0 || dv % h != 0) {
-            candle_core::bail!("sdpa: {h} heads do not split {d} / {dv}, or not on AMX");
+        if h != 1 && (!(self.amx || tiled::f32_native()) || d % h != 0 || dv % h != 0) {
+            candle_core::bail!("sdpa: {h} heads do not split {d} / {dv}, or no tile kernel");
         }
         #[cfg(target_arch = "x86_64")]
         if self.amx {
@@ -473,7 +516,7 @@ impl CustomOp3 for Sdpa {
             return Ok((CpuStorage::F32(out), Shape::from((b, lq, dv))));
         }
         if tiled::f32_native() {
-            let out = self.tiled(q, k, v, (b, lq, lk, d, dv));
+            let out = self.tiled(q, k, v, (b * h, lq, lk, d / h, dv / h));
             return Ok((CpuStorage::F32(out), Shape::from((b, lq, dv))));
         }
         let mut out = vec![0f32; b * lq * dv];
@@ -604,7 +647,8 @@ mod tests {
         Ok(())
     }
 
-    /// The heads-side-by-side entry against splitting the heads for candle's attention.
+    /// The heads-side-by-side entries (bf16 and f32) against splitting the heads for candle's
+    /// attention.
     #[test]
     fn heads_layout_matches_split_heads() -> Result<()> {
         let dev = Device::Cpu;
@@ -616,7 +660,6 @@ mod tests {
             let q = Tensor::randn(0f32, 1.0, (b, lq, h * d), &dev)?;
             let k = Tensor::randn(0f32, 1.0, (b, lk, h * d), &dev)?;
             let v = Tensor::randn(0f32, 1.0, (b, lk, h * dv), &dev)?;
-            let got = attention_bf16_heads(&q, &k, &v, h, 0.3)?;
             let split = |x: &Tensor| -> Result<Tensor> {
                 let (b, l, hd) = x.dims3()?;
                 x.reshape((b, l, h, hd / h))?
@@ -627,8 +670,12 @@ mod tests {
                 .reshape((b, h, lq, dv))?
                 .transpose(1, 2)?
                 .reshape((b, lq, h * dv))?;
-            let err = crate::kernels::max_abs_diff(&got, &want)?;
-            assert!(err < 3e-2, "{:?}: {err}", (b, lq, lk, h, d, dv));
+            let err =
+                crate::kernels::max_abs_diff(&attention_bf16_heads(&q, &k, &v, h, 0.3)?, &want)?;
+            assert!(err < 3e-2, "bf16 {:?}: {err}", (b, lq, lk, h, d, dv));
+            // The f32 kernel reads the same layout in place (AVX-512) and keeps f32 accuracy.
+            let err = crate::kernels::max_abs_diff(&attention_heads(&q, &k, &v, h, 0.3)?, &want)?;
+            assert!(err < 1e-5, "f32 {:?}: {err}", (b, lq, lk, h, d, dv));
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ pub mod simd;
 pub mod tiled;
 pub mod winograd;
 
-pub use attention::{attention, attention_bf16, attention_bf16_heads};
+pub use attention::{attention, attention_bf16, attention_bf16_heads, attention_heads};
 
 use candle_core::{CpuStorage, Layout};
 

@@ -216,10 +216,14 @@ impl CrossAttention {
         let context = context.unwrap_or(xs).contiguous()?;
         let key = self.to_k.forward(&context)?;
         let value = self.to_v.forward(&context)?;
-        if self.to_q.is_bf16() && !self.use_flash_attn && self.slice_size.is_none() {
+        if !self.use_flash_attn && self.slice_size.is_none() {
             // Heads stay side by side: no split/merge copies around the kernel.
-            let xs =
-                crate::kernels::attention_bf16_heads(&query, &key, &value, self.heads, self.scale)?;
+            let (q, k, v, h, s) = (&query, &key, &value, self.heads, self.scale);
+            let xs = if self.to_q.is_bf16() {
+                crate::kernels::attention_bf16_heads(q, k, v, h, s)?
+            } else {
+                crate::kernels::attention_heads(q, k, v, h, s)?
+            };
             return self.to_out.forward(&xs);
         }
         let query = self.reshape_heads_to_batch_dim(&query)?;
