@@ -177,8 +177,9 @@ impl Sdpa {
         // stepped 16 KiB between rows, so every row they touched fell in the same L1 set.
         let ld = padded(lk);
         // Kᵀ per batch·head, built once: the score tile reads 48 keys of one dimension at a time.
-        let mut kt = vec![0f32; b * d * ld];
-        kt.par_chunks_mut(d * ld).enumerate().for_each(|(bi, dst)| {
+        // Each head's block zeroed by the task that fills it, in cache (`vec![0; n]` was a
+        // single-threaded memset of 10 MB at 64², the other core idle).
+        let kt = super::par_filled(b * d * ld, d * ld, |bi, dst: &mut [f32]| {
             for j in 0..lk {
                 for (c, &x) in k[row(bi, lk, j, d)..][..d].iter().enumerate() {
                     dst[c * ld + j] = x;
@@ -188,7 +189,9 @@ impl Sdpa {
         // Query rows per task: the score block (≤ 1 MiB) stays in L2.
         let qb = ((1 << 20) / (lk.max(1) * 4)).clamp(8, 256) / 8 * 8;
         let nblk = lq.div_ceil(qb);
-        let mut out = vec![0f32; b * lq * dv];
+        // Zeroed across the pool (every element is written below; a plain `vec!` was a
+        // single-threaded memset).
+        let mut out = super::par_filled(b * lq * dv, 1 << 16, |_, _: &mut [f32]| {});
         let dst = SendPtr(out.as_mut_ptr());
         (0..b * nblk).into_par_iter().for_each_init(
             || vec![0f32; qb * ld],
@@ -283,32 +286,29 @@ impl Sdpa {
         let h = self.heads;
         let row =
             |bi: usize, len: usize, r: usize, w: usize| ((bi / h) * len + r) * h * w + (bi % h) * w;
-        let mut kt = vec![0u32; b * nb * dp * W];
-        kt.par_chunks_mut(nb * dp * W)
-            .enumerate()
-            .for_each(|(bi, dst)| {
-                for j in 0..lk {
-                    let row = &k[row(bi, lk, j, d)..][..d];
-                    let panel = &mut dst[(j / W) * dp * W..][..dp * W];
-                    for p in 0..d.div_ceil(2) {
-                        let hi = if 2 * p + 1 < d { row[2 * p + 1] } else { 0.0 };
-                        panel[p * W + j % W] = bf16::pair(row[2 * p], hi);
-                    }
+        // Both per head, zeroed (the padding) by the task that fills the head, in cache.
+        let kt = super::par_filled(b * nb * dp * W, nb * dp * W, |bi, dst: &mut [u32]| {
+            for j in 0..lk {
+                let row = &k[row(bi, lk, j, d)..][..d];
+                let panel = &mut dst[(j / W) * dp * W..][..dp * W];
+                for p in 0..d.div_ceil(2) {
+                    let hi = if 2 * p + 1 < d { row[2 * p + 1] } else { 0.0 };
+                    panel[p * W + j % W] = bf16::pair(row[2 * p], hi);
                 }
-            });
+            }
+        });
         // V as pairs along the keys: kp rows × dvp columns (its tiles read 16 rows 4·dvp B apart).
-        let mut vt = vec![0u32; b * kp * dvp];
-        vt.par_chunks_mut(kp * dvp)
-            .enumerate()
-            .for_each(|(bi, dst)| {
-                for p in 0..lk.div_ceil(2) {
-                    let lo = &v[row(bi, lk, 2 * p, dv)..][..dv];
-                    let hi = (2 * p + 1 < lk).then(|| &v[row(bi, lk, 2 * p + 1, dv)..][..dv]);
-                    bf16::pair_rows(lo, hi, &mut dst[p * dvp..p * dvp + dv]);
-                }
-            });
+        let vt = super::par_filled(b * kp * dvp, kp * dvp, |bi, dst: &mut [u32]| {
+            for p in 0..lk.div_ceil(2) {
+                let lo = &v[row(bi, lk, 2 * p, dv)..][..dv];
+                let hi = (2 * p + 1 < lk).then(|| &v[row(bi, lk, 2 * p + 1, dv)..][..dv]);
+                bf16::pair_rows(lo, hi, &mut dst[p * dvp..p * dvp + dv]);
+            }
+        });
         let nq = lq.div_ceil(W);
-        let mut out = vec![0f32; b * lq * dv];
+        // Zeroed across the pool (every element is written below; a plain `vec!` was a
+        // single-threaded memset).
+        let mut out = super::par_filled(b * lq * dv, 1 << 16, |_, _: &mut [f32]| {});
         let dst = SendPtr(out.as_mut_ptr());
         let scale = self.scale;
         (0..b * nq).into_par_iter().for_each_init(

@@ -122,15 +122,6 @@ pub fn tune_allocator() {
     }
 }
 
-/// A zeroed f32 buffer for a large activation. Above glibc's mmap threshold every such buffer
-/// is a fresh mapping faulted in 4 KiB at a time (page faults were ~20% of a 512² VAE decode);
-/// asking for transparent huge pages makes that one fault per 2 MiB. A plain `vec!` elsewhere.
-pub(crate) fn zeroed(n: usize) -> Vec<f32> {
-    let v = vec![0f32; n];
-    advise_huge(v.as_ptr() as usize, n * 4);
-    v
-}
-
 /// A buffer of `n` values built chunk by chunk across the rayon pool: chunk `i` (`chunk`
 /// values, the last one shorter) is zeroed and handed to `init(i, chunk)` on the same task.
 /// Why not `vec![0; n]` and a parallel pass: with freed memory kept on the heap
@@ -159,7 +150,9 @@ pub(crate) fn par_filled<T: Copy + Default + Send + Sync>(
     v
 }
 
-/// Transparent huge pages for a large buffer at `addr` (`bytes` long; see [`zeroed`]).
+/// Transparent huge pages for a large buffer at `addr` (`bytes` long): above glibc's mmap
+/// threshold each such buffer is a fresh mapping faulted in 4 KiB at a time (page faults were
+/// ~20% of a 512² VAE decode), one fault per 2 MiB with huge pages.
 fn advise_huge(addr: usize, bytes: usize) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if bytes >= 32 << 20 {
