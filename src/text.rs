@@ -249,10 +249,7 @@ fn fused(
 
 /// `ln(xs)` through easel's kernel (see [`clip::layer_norm`]).
 fn norm(ln: &LayerNorm, xs: &Tensor) -> candle_core::Result<Tensor> {
-    match ln.bias() {
-        Some(bias) if ln.remove_mean() => clip::layer_norm(xs, ln.weight(), bias, ln.eps()),
-        _ => ln.forward(xs),
-    }
+    clip::apply_layer_norm(ln, xs)
 }
 
 /// One linear computing `[a | b | c]` for linears `a`, `b`, `c` on the same input.

@@ -199,6 +199,15 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32)
 }
 
+/// `ln(xs)` for a `candle_nn::LayerNorm` through [`layer_norm`] (CLIP's and the UNet's
+/// transformer blocks; candle's own sums each row serially and zeroes its output on one thread).
+pub fn apply_layer_norm(ln: &candle_nn::LayerNorm, xs: &Tensor) -> Result<Tensor> {
+    match ln.bias() {
+        Some(bias) if ln.remove_mean() => layer_norm(xs, ln.weight(), bias, ln.eps()),
+        _ => candle_core::Module::forward(ln, xs),
+    }
+}
+
 /// Lanes of the vectorised row loops (one AVX-512 register of f32).
 const LANES: usize = 16;
 
@@ -223,21 +232,20 @@ impl CustomOp1 for LayerNormOp {
                 self.weight.len()
             );
         }
-        let mut out = vec![0f32; x.len()];
-        // Several rows per task: one row is too little work to be worth a task.
+        // Several rows per task: one row is too little work to be worth a task. Each task's
+        // block of the output is zeroed by that task, in cache (see `par_filled`).
         let rows = (8192 / n).max(1);
-        out.par_chunks_mut(n * rows)
-            .zip(x.par_chunks(n * rows))
-            .for_each(|(o, x)| {
-                for (o, x) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
-                    let (sum, sq) = shifted_sums(x, x[0]);
-                    let m = sum as f64 / n as f64;
-                    let var = (sq as f64 / n as f64 - m * m).max(0.0);
-                    let mean = (m + x[0] as f64) as f32;
-                    let inv = (1.0 / (var + self.eps).sqrt()) as f32;
-                    norm_row(o, x, mean, inv, &self.weight, &self.bias);
-                }
-            });
+        let out = super::par_filled(x.len(), n * rows, |t, o: &mut [f32]| {
+            let x = &x[t * n * rows..][..o.len()];
+            for (o, x) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+                let (sum, sq) = shifted_sums(x, x[0]);
+                let m = sum as f64 / n as f64;
+                let var = (sq as f64 / n as f64 - m * m).max(0.0);
+                let mean = (m + x[0] as f64) as f32;
+                let inv = (1.0 / (var + self.eps).sqrt()) as f32;
+                norm_row(o, x, mean, inv, &self.weight, &self.bias);
+            }
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }

@@ -293,9 +293,10 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        use crate::kernels::clip::apply_layer_norm as ln;
+        let xs = (self.attn1.forward(&ln(&self.norm1, xs)?, None)? + xs)?;
+        let xs = (self.attn2.forward(&ln(&self.norm2, &xs)?, context)? + xs)?;
+        self.ff.forward(&ln(&self.norm3, &xs)?)? + xs
     }
 }
 
