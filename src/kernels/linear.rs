@@ -2,7 +2,7 @@
 //! bias, and bf16 weights take f32 inputs and give f32 outputs along the [`Path`] chosen for
 //! the CPU; f16 weights and other devices go to candle.
 use super::bf16::{self, Path};
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn as nn;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -57,6 +57,38 @@ impl CustomOp1 for CpuLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run(s, l, None)
+    }
+}
+
+/// [`CpuLinear`] with a residual (`x · wᵀ + b + residual`), the residual written into the
+/// output before the product adds to it: no separate pass (and buffer) for the add.
+struct WithResidual(Arc<CpuLinear>);
+
+impl CustomOp2 for WithResidual {
+    fn name(&self) -> &'static str {
+        "easel-linear-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let r = super::f32_slice(rs, rl, "linear residual")?;
+        self.0.run(s, l, Some(r))
+    }
+}
+
+impl CpuLinear {
+    fn run(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        residual: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
         let (k, n) = (self.k, self.n);
         let x = super::f32_slice(s, l, "linear")?;
         let mut dims = l.dims().to_vec();
@@ -64,7 +96,8 @@ impl CustomOp1 for CpuLinear {
             candle_core::bail!("linear: input {dims:?}, weight expects {k} features");
         }
         let rows = x.len() / k.max(1);
-        let mut out = with_bias(rows, n, self.bias.as_deref());
+        let mut out = with_bias(rows, n, self.bias.as_deref(), residual)?;
+        let accumulate = self.bias.is_some() || residual.is_some();
         // out[:, j0..j0+nb] (+)= x · w[j0..j0+nb, :]ᵀ
         let product = |j0: usize, nb: usize, w: &[f32], out: &mut [f32]| {
             // SAFETY: x is rows × k, `w` nb × k (read as its transpose), and output columns
@@ -76,7 +109,7 @@ impl CustomOp1 for CpuLinear {
                     k,
                     out.as_mut_ptr().add(j0),
                     n,
-                    self.bias.is_some(),
+                    accumulate,
                     x.as_ptr(),
                     (k as isize, 1),
                     w.as_ptr(),
@@ -225,6 +258,48 @@ impl Module for Linear {
                 .to_dtype(DType::F32)?
                 .contiguous()?
                 .apply_op1_no_bwd(op.as_ref()),
+            Kind::Dot { .. } => self.dot(xs, None),
+        }
+    }
+}
+
+impl Linear {
+    /// `self.forward(xs) + residual` (the transformer blocks' skip additions): on the CPU's
+    /// own paths the residual is written into the output before the product accumulates into
+    /// it, instead of a second pass and a third buffer. A residual of another shape is
+    /// broadcast-added after the product.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let out_dims = match xs.dims().split_last() {
+            Some((_, lead)) => [lead, &[self.out_features()]].concat(),
+            None => vec![],
+        };
+        let fused = residual.device().is_cpu()
+            && residual.dtype() == DType::F32
+            && residual.dims() == out_dims.as_slice();
+        match &self.kind {
+            Kind::Cpu(op) if fused => {
+                let residual = residual.contiguous()?;
+                xs.to_dtype(DType::F32)?
+                    .contiguous()?
+                    .apply_op2_no_bwd(&residual, &WithResidual(op.clone()))
+            }
+            Kind::Dot { .. } if fused => self.dot(xs, Some(&residual.contiguous()?)),
+            _ => self.forward(xs)?.broadcast_add(residual),
+        }
+    }
+
+    /// Output features (`n`).
+    fn out_features(&self) -> usize {
+        match &self.kind {
+            Kind::Candle(l) => l.weight().dim(0).unwrap_or(0),
+            Kind::Dot { n, .. } => *n,
+            Kind::Cpu(c) => c.n,
+        }
+    }
+
+    /// The bf16-pairs product (`Kind::Dot`), plus `residual` when given.
+    fn dot(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        match &self.kind {
             Kind::Dot {
                 w,
                 k,
@@ -245,7 +320,25 @@ impl Module for Linear {
                     };
                     bf16::pack_a(super::f32_slice(cpu, layout, "linear")?, rows, *k)
                 };
-                let mut out = with_bias(rows, *n, bias.as_ref().map(|b| b.as_slice()));
+                let r = match residual {
+                    Some(r) => {
+                        let (storage, layout) = r.storage_and_layout();
+                        let candle_core::Storage::Cpu(cpu) = &*storage else {
+                            candle_core::bail!("linear: the residual must be on the CPU");
+                        };
+                        Some(with_bias(
+                            rows,
+                            *n,
+                            bias.as_ref().map(|b| b.as_slice()),
+                            Some(super::f32_slice(cpu, layout, "linear residual")?),
+                        )?)
+                    }
+                    None => None,
+                };
+                let mut out = match r {
+                    Some(out) => out,
+                    None => with_bias(rows, *n, bias.as_ref().map(|b| b.as_slice()), None)?,
+                };
                 let kp = k.div_ceil(2);
                 let d = bf16::Dims {
                     m: rows,
@@ -265,20 +358,47 @@ impl Module for Linear {
                 *dims.last_mut().unwrap() = *n;
                 Tensor::from_vec(out, dims, xs.device())
             }
+            _ => candle_core::bail!("linear: not a bf16-pairs layer"),
         }
     }
 }
 
-/// A `rows × n` output with every row set to `bias` (zeros without one), built across the
-/// pool (see [`super::par_filled`]): the products then add into it.
-fn with_bias(rows: usize, n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+/// A `rows × n` output with every row set to `bias` (zeros without one), plus the matching
+/// row of `residual` when given, built across the pool (see [`super::par_filled`]): the
+/// products then add into it.
+fn with_bias(
+    rows: usize,
+    n: usize,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    if let Some(r) = residual {
+        if r.len() != rows * n {
+            candle_core::bail!("linear: residual of {} values for {rows} × {n}", r.len());
+        }
+    }
     // Several rows per task to amortise scheduling.
     let per = (16384 / n.max(1)).max(1);
-    super::par_filled(rows * n, per * n, |_, c| {
-        if let Some(b) = bias {
-            c.chunks_mut(n).for_each(|row| row.copy_from_slice(b));
-        }
-    })
+    Ok(super::par_filled(
+        rows * n,
+        per * n,
+        |t, c| match residual {
+            Some(r) => {
+                let r = &r[t * per * n..][..c.len()];
+                c.copy_from_slice(r);
+                if let Some(b) = bias {
+                    for row in c.chunks_mut(n) {
+                        row.iter_mut().zip(b).for_each(|(x, &b)| *x += b);
+                    }
+                }
+            }
+            None => {
+                if let Some(b) = bias {
+                    c.chunks_mut(n).for_each(|row| row.copy_from_slice(b));
+                }
+            }
+        },
+    ))
 }
 
 /// `candle_nn::layer_norm`, with bf16 parameters on the CPU widened to f32 once (the
@@ -339,6 +459,45 @@ mod tests {
                     let err = crate::kernels::max_abs_diff(&got, &want)?;
                     assert!(err < 1e-4, "{path:?} {rows}x{k}x{n} bias {bias}: {err}");
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// `forward_add` equals `forward` + the residual on every path (f32, both bf16 paths, with
+    /// and without bias, whole tiles and not), and falls back to a plain add on a residual of
+    /// another shape (a broadcast).
+    #[test]
+    fn forward_add_equals_forward_plus_residual() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(rows, k, n) in &[(1, 1, 1), (2 * 77, 33, 50), (16, 64, 96), (5, 96, 128)] {
+            let x = Tensor::randn(0f32, 1.0, (2, rows, k), &dev)?;
+            let r = Tensor::randn(0f32, 1.0, (2, rows, n), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+            for bias in [true, false] {
+                let mut layers = vec![Linear::new(nn::Linear::new(
+                    w.clone(),
+                    bias.then(|| b.clone()),
+                ))?];
+                for path in [Path::Dot, Path::Widen] {
+                    let (wb, bb) = (w.to_dtype(DType::BF16)?, b.to_dtype(DType::BF16)?);
+                    layers.push(Linear::with_path(
+                        nn::Linear::new(wb, bias.then_some(bb)),
+                        path,
+                    )?);
+                }
+                for lin in &layers {
+                    let want = (lin.forward(&x)? + &r)?;
+                    let got = lin.forward_add(&x, &r)?;
+                    assert_eq!(got.dims(), want.dims());
+                    let err = crate::kernels::max_abs_diff(&got, &want)?;
+                    assert!(err < 1e-5, "{rows}x{k}x{n} bias {bias}: {err}");
+                }
+                let row = r.narrow(1, 0, 1)?;
+                let got = layers[0].forward_add(&x, &row)?;
+                let want = layers[0].forward(&x)?.broadcast_add(&row)?;
+                assert!(crate::kernels::max_abs_diff(&got, &want)? < 1e-6);
             }
         }
         Ok(())

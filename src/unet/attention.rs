@@ -53,15 +53,39 @@ const FF_CHUNK: usize = 1024;
 impl FeedForward {
     /// The layer over `chunk` tokens at a time (batch and sequence flattened).
     fn forward_in_chunks(&self, xs: &Tensor, chunk: usize) -> Result<Tensor> {
-        let run = |xs: &Tensor| self.linear.forward(&self.project_in.forward(xs)?);
+        self.chunks_with(xs, chunk, None)
+    }
+
+    /// `forward(xs) + residual`, the residual added inside the last projection.
+    fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if xs.device().is_cpu() {
+            self.chunks_with(xs, FF_CHUNK, Some(residual))
+        } else {
+            self.forward(xs)? + residual
+        }
+    }
+
+    fn chunks_with(&self, xs: &Tensor, chunk: usize, residual: Option<&Tensor>) -> Result<Tensor> {
+        let run = |xs: &Tensor, r: Option<Tensor>| {
+            let h = self.project_in.forward(xs)?;
+            match r {
+                Some(r) => self.linear.forward_add(&h, &r),
+                None => self.linear.forward(&h),
+            }
+        };
         let (b, t, c) = xs.dims3()?;
         if b * t <= chunk {
-            return run(xs);
+            return run(xs, residual.cloned());
         }
         let flat = xs.reshape((b * t, c))?;
+        let flat_r = residual.map(|r| r.reshape((b * t, ()))).transpose()?;
         let chunks = (0..b * t)
             .step_by(chunk)
-            .map(|r| run(&flat.narrow(0, r, chunk.min(b * t - r))?))
+            .map(|r| {
+                let len = chunk.min(b * t - r);
+                let res = flat_r.as_ref().map(|x| x.narrow(0, r, len)).transpose()?;
+                run(&flat.narrow(0, r, len)?, res)
+            })
             .collect::<Result<Vec<_>>>()?;
         let out = Tensor::cat(&chunks, 0)?;
         let c_out = out.dim(1)?;
@@ -212,6 +236,32 @@ impl CrossAttention {
     }
 
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_with(xs, context, None)
+    }
+
+    /// `forward(xs, context) + residual`, the residual added inside the output projection.
+    pub fn forward_add(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_with(xs, context, Some(residual))
+    }
+
+    fn project_out(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        match residual {
+            Some(r) => self.to_out.forward_add(xs, r),
+            None => self.to_out.forward(xs),
+        }
+    }
+
+    fn forward_with(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let query = self.to_q.forward(xs)?;
         let context = context.unwrap_or(xs).contiguous()?;
         let key = self.to_k.forward(&context)?;
@@ -224,7 +274,7 @@ impl CrossAttention {
             } else {
                 crate::kernels::attention_heads(q, k, v, h, s)?
             };
-            return self.to_out.forward(&xs);
+            return self.project_out(&xs, residual);
         }
         let query = self.reshape_heads_to_batch_dim(&query)?;
         let key = self.reshape_heads_to_batch_dim(&key)?;
@@ -235,7 +285,7 @@ impl CrossAttention {
             None => self.attention(&query, &key, &value)?,
             Some(slice_size) => self.sliced_attention(&query, &key, &value, slice_size)?,
         };
-        self.to_out.forward(&xs)
+        self.project_out(&xs, residual)
     }
 }
 
@@ -294,9 +344,12 @@ impl BasicTransformerBlock {
 
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         use crate::kernels::clip::apply_layer_norm as ln;
-        let xs = (self.attn1.forward(&ln(&self.norm1, xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&ln(&self.norm2, &xs)?, context)? + xs)?;
-        self.ff.forward(&ln(&self.norm3, &xs)?)? + xs
+        // Each residual is added inside the projection that ends its branch.
+        let xs = self.attn1.forward_add(&ln(&self.norm1, xs)?, None, xs)?;
+        let xs = self
+            .attn2
+            .forward_add(&ln(&self.norm2, &xs)?, context, &xs)?;
+        self.ff.forward_add(&ln(&self.norm3, &xs)?, &xs)
     }
 }
 
@@ -579,10 +632,16 @@ mod tests {
         let ff = FeedForward::new(vs, 8, None, 4)?;
         let x = Tensor::randn(0f32, 1.0, (2, 13, 8), &Device::Cpu)?;
         let whole = ff.forward_in_chunks(&x, usize::MAX)?;
+        // The residual as the transformer block adds it: inside the last projection, per chunk.
+        let r = Tensor::randn(0f32, 1.0, (2, 13, 8), &Device::Cpu)?;
+        let with_r = (&whole + &r)?;
         for chunk in [1, 7, 26] {
             let got = ff.forward_in_chunks(&x, chunk)?;
             let err = crate::kernels::max_abs_diff(&got, &whole)?;
             assert!(err < 1e-5, "chunk {chunk}: {err}");
+            let got = ff.chunks_with(&x, chunk, Some(&r))?;
+            let err = crate::kernels::max_abs_diff(&got, &with_r)?;
+            assert!(err < 1e-5, "chunk {chunk} + residual: {err}");
         }
         Ok(())
     }
