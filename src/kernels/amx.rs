@@ -103,6 +103,16 @@ impl Operand {
         }
     }
 
+    /// An `A` whose rows lie `lda` apart and whose step `s` starts `s·astep` in (a multiple of
+    /// [`KSTEP`]): [`Tiles`]' callers' operands.
+    fn a_steps(lda: usize, astep: usize) -> Self {
+        Self {
+            outer: lda,
+            inner: astep / KSTEP,
+            ld: lda,
+        }
+    }
+
     /// A row-major `B` (pair rows of `n` columns, `ldb` apart).
     pub fn b_rows(ldb: usize) -> Self {
         Self {
@@ -264,11 +274,7 @@ impl Tiles {
         (b, ldb): (*const u32, usize),
         (c, ldc): (*mut f32, usize),
     ) {
-        let oa = Operand {
-            outer: lda,
-            inner: astep / KSTEP,
-            ld: lda,
-        };
+        let oa = Operand::a_steps(lda, astep);
         x86::block(!overwrite, steps, a, oa, b, Operand::b_rows(ldb), c, ldc);
     }
 }
@@ -291,11 +297,7 @@ impl Tiles {
         (b, ldb): (*const u32, usize),
         (c, ldc): (*mut f32, usize),
     ) {
-        let oa = Operand {
-            outer: lda,
-            inner: astep / KSTEP,
-            ld: lda,
-        };
+        let oa = Operand::a_steps(lda, astep);
         x86::narrow(!overwrite, steps, a, oa, b, Operand::b_rows(ldb), c, ldc);
     }
 }

@@ -395,19 +395,7 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub fn exp2_16(t: __m512) -> __m512 {
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-        let f = _mm512_sub_ps(t, n);
-        let mut p = _mm512_set1_ps(1.333_355_8e-3);
-        for c in [
-            9.618_129e-3,
-            5.550_411e-2,
-            0.240_226_5,
-            std::f32::consts::LN_2,
-            1.0,
-        ] {
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-        }
-        _mm512_scalef_ps(p, n)
+        super::super::simd::exp2_avx512::<5>(t)
     }
 
     /// Softmax weights of a 32-row block of scores stored as panels of 32 keys (`scores[j]` =
