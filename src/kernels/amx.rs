@@ -258,9 +258,12 @@ impl Tiles {
         Tiles(std::marker::PhantomData)
     }
 
-    /// `C[0..32, 0..32] (+)= A[0..32, 0..16·steps] · B[0..16·steps, 0..32]`: `=` when
-    /// `overwrite`. Strides in elements; step `s` reads `A` at `a + s·astep` ([`KSTEP`] for a
-    /// row-major `A`) and `B` at `b + 16·s·ldb`.
+    /// `C[0..32, 0..cols] (+)= A[0..32, 0..16·steps] · B[0..16·steps, 0..cols]`: `=` when
+    /// `overwrite`; `cols` is 32 (2 × 2 tiles) or 16 (two tiles, one `B` load per step: the
+    /// attention's last 16 output columns when the head dimension is an odd number of 16s,
+    /// 40 → 48 instead of 64 columns, a quarter fewer products at SD's 64² level). Strides in
+    /// elements; step `s` reads `A` at `a + s·astep` ([`KSTEP`] for a row-major `A`) and `B` at
+    /// `b + 16·s·ldb`.
     ///
     /// # Safety
     /// Every row read or written lies inside its buffer; `steps > 0`.
@@ -272,33 +275,15 @@ impl Tiles {
         steps: usize,
         (a, lda, astep): (*const u32, usize, usize),
         (b, ldb): (*const u32, usize),
-        (c, ldc): (*mut f32, usize),
+        (c, ldc, cols): (*mut f32, usize, usize),
     ) {
-        let oa = Operand::a_steps(lda, astep);
-        x86::block(!overwrite, steps, a, oa, b, Operand::b_rows(ldb), c, ldc);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Tiles {
-    /// [`Tiles::block`] on a 32 × 16 block of `C` (two tiles, one `B` load per step): the
-    /// attention's last 16 output columns when the head dimension is an odd number of 16s
-    /// (40 → 48 instead of 64 columns, a quarter fewer products at SD's 64² level).
-    ///
-    /// # Safety
-    /// As for [`Tiles::block`], over 16 columns of `B` and `C`.
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    pub unsafe fn narrow(
-        &self,
-        overwrite: bool,
-        steps: usize,
-        (a, lda, astep): (*const u32, usize, usize),
-        (b, ldb): (*const u32, usize),
-        (c, ldc): (*mut f32, usize),
-    ) {
-        let oa = Operand::a_steps(lda, astep);
-        x86::narrow(!overwrite, steps, a, oa, b, Operand::b_rows(ldb), c, ldc);
+        let (oa, ob) = (Operand::a_steps(lda, astep), Operand::b_rows(ldb));
+        debug_assert!(cols == 32 || cols == 16);
+        if cols == 16 {
+            x86::narrow(!overwrite, steps, a, oa, b, ob, c, ldc);
+        } else {
+            x86::block(!overwrite, steps, a, oa, b, ob, c, ldc);
+        }
     }
 }
 

@@ -279,7 +279,7 @@ impl Sdpa {
         let dp = d.div_ceil(2).next_multiple_of(amx::KSTEP);
         let nb = lk.div_ceil(W);
         let kp = nb * W / 2;
-        // Output columns in whole tiles of 16: 48 for SD's 40 (the last 16 by `Tiles::narrow`).
+        // Output columns in whole tiles of 16: 48 for SD's 40 (the last 16 in a 32 × 16 block).
         let dvp = dv.next_multiple_of(16);
         // Kᵀ panels: per head, panel j holds pairs 0..dp of keys 32j..32j+32 (dp × 32).
         // Row r of head `bi` (of `heads` side by side) in a (batch, len, heads·w) buffer.
@@ -345,24 +345,19 @@ impl Sdpa {
                             dp / amx::KSTEP,
                             (qp.as_ptr(), dp, amx::KSTEP),
                             (ktb.add(j * dp * W), W),
-                            (scores.as_mut_ptr().add(j * W * W), W),
+                            (scores.as_mut_ptr().add(j * W * W), W, W),
                         );
                     }
                     x86::softmax_panels(scores, lk, scale, pp, &mut sums);
                     let vb = vt.as_ptr().add(bi * kp * dvp);
                     for c in (0..dvp).step_by(W) {
-                        let args = (
+                        tiles.block(
                             true,
                             nb,
                             (pp.as_ptr(), amx::KSTEP, W * amx::KSTEP),
                             (vb.add(c), dvp),
-                            (o.as_mut_ptr().add(c), dvp),
+                            (o.as_mut_ptr().add(c), dvp, W.min(dvp - c)),
                         );
-                        if c + W <= dvp {
-                            tiles.block(args.0, args.1, args.2, args.3, args.4);
-                        } else {
-                            tiles.narrow(args.0, args.1, args.2, args.3, args.4);
-                        }
                     }
                     drop(tiles);
                     let dst = &dst;
