@@ -158,6 +158,14 @@ fn padded(n: usize) -> usize {
 }
 
 impl Sdpa {
+    /// Where row `r` of head `bi` starts in a (batch, len, heads·w) buffer (heads side by
+    /// side; `(batch·heads, len, w)` with one head). Its rows lie `heads·w` apart.
+    #[inline(always)]
+    fn row(&self, bi: usize, len: usize, r: usize, w: usize) -> usize {
+        let h = self.heads;
+        ((bi / h) * len + r) * h * w + (bi % h) * w
+    }
+
     /// The AVX-512 path: both products run on [`tiled`]'s f32 tile, reading `Kᵀ` and `V` in
     /// place. gemm packed the whole of K and V again for every block of 32 queries (with a head
     /// dimension of 40 that packing outweighed the arithmetic: 67 GFLOP/s at 16×4096²×40).
@@ -168,11 +176,7 @@ impl Sdpa {
         v: &[f32],
         (b, lq, lk, d, dv): (usize, usize, usize, usize, usize),
     ) -> Vec<f32> {
-        // Row r of head `bi` (of `heads` side by side) in a (batch, len, heads·w) buffer, and
-        // the stride between rows (w itself with one head).
-        let h = self.heads;
-        let row =
-            |bi: usize, len: usize, r: usize, w: usize| ((bi / h) * len + r) * h * w + (bi % h) * w;
+        let (h, row) = (self.heads, |bi, len, r, w| self.row(bi, len, r, w));
         // Rows of Kᵀ and of the score block are `ld` apart, not `lk`: with 4096 keys the tiles
         // stepped 16 KiB between rows, so every row they touched fell in the same L1 set.
         let ld = padded(lk);
@@ -189,9 +193,7 @@ impl Sdpa {
         // Query rows per task: the score block (≤ 1 MiB) stays in L2.
         let qb = ((1 << 20) / (lk.max(1) * 4)).clamp(8, 256) / 8 * 8;
         let nblk = lq.div_ceil(qb);
-        // Zeroed across the pool (every element is written below; a plain `vec!` was a
-        // single-threaded memset).
-        let mut out = super::par_filled(b * lq * dv, 1 << 16, |_, _: &mut [f32]| {});
+        let mut out = super::par_zeroed::<f32>(b * lq * dv);
         let dst = SendPtr(out.as_mut_ptr());
         (0..b * nblk).into_par_iter().for_each_init(
             || vec![0f32; qb * ld],
@@ -282,10 +284,7 @@ impl Sdpa {
         // Output columns in whole tiles of 16: 48 for SD's 40 (the last 16 in a 32 × 16 block).
         let dvp = dv.next_multiple_of(16);
         // Kᵀ panels: per head, panel j holds pairs 0..dp of keys 32j..32j+32 (dp × 32).
-        // Row r of head `bi` (of `heads` side by side) in a (batch, len, heads·w) buffer.
-        let h = self.heads;
-        let row =
-            |bi: usize, len: usize, r: usize, w: usize| ((bi / h) * len + r) * h * w + (bi % h) * w;
+        let row = |bi, len, r, w| self.row(bi, len, r, w);
         // Both per head, zeroed (the padding) by the task that fills the head, in cache.
         let kt = super::par_filled(b * nb * dp * W, nb * dp * W, |bi, dst: &mut [u32]| {
             for j in 0..lk {
@@ -306,9 +305,7 @@ impl Sdpa {
             }
         });
         let nq = lq.div_ceil(W);
-        // Zeroed across the pool (every element is written below; a plain `vec!` was a
-        // single-threaded memset).
-        let mut out = super::par_filled(b * lq * dv, 1 << 16, |_, _: &mut [f32]| {});
+        let mut out = super::par_zeroed::<f32>(b * lq * dv);
         let dst = SendPtr(out.as_mut_ptr());
         let scale = self.scale;
         (0..b * nq).into_par_iter().for_each_init(

@@ -264,11 +264,14 @@ impl Module for Linear {
 }
 
 impl Linear {
-    /// `self.forward(xs) + residual` (the transformer blocks' skip additions): on the CPU's
-    /// own paths the residual is written into the output before the product accumulates into
-    /// it, instead of a second pass and a third buffer. A residual of another shape is
-    /// broadcast-added after the product.
-    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    /// `self.forward(xs) + residual` (the transformer blocks' skip additions; plain `forward`
+    /// without one): on the CPU's own paths the residual is written into the output before the
+    /// product accumulates into it, instead of a second pass and a third buffer. A residual of
+    /// another shape is broadcast-added after the product.
+    pub fn forward_add(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let Some(residual) = residual else {
+            return self.forward(xs);
+        };
         let out_dims = match xs.dims().split_last() {
             Some((_, lead)) => [lead, &[self.out_features()]].concat(),
             None => vec![],
@@ -320,25 +323,17 @@ impl Linear {
                     };
                     bf16::pack_a(super::f32_slice(cpu, layout, "linear")?, rows, *k)
                 };
-                let r = match residual {
-                    Some(r) => {
-                        let (storage, layout) = r.storage_and_layout();
-                        let candle_core::Storage::Cpu(cpu) = &*storage else {
+                let held = residual.map(|r| r.storage_and_layout());
+                let r = match &held {
+                    Some((storage, layout)) => {
+                        let candle_core::Storage::Cpu(cpu) = &**storage else {
                             candle_core::bail!("linear: the residual must be on the CPU");
                         };
-                        Some(with_bias(
-                            rows,
-                            *n,
-                            bias.as_ref().map(|b| b.as_slice()),
-                            Some(super::f32_slice(cpu, layout, "linear residual")?),
-                        )?)
+                        Some(super::f32_slice(cpu, layout, "linear residual")?)
                     }
                     None => None,
                 };
-                let mut out = match r {
-                    Some(out) => out,
-                    None => with_bias(rows, *n, bias.as_ref().map(|b| b.as_slice()), None)?,
-                };
+                let mut out = with_bias(rows, *n, bias.as_ref().map(|b| b.as_slice()), r)?;
                 let kp = k.div_ceil(2);
                 let d = bf16::Dims {
                     m: rows,
@@ -489,13 +484,13 @@ mod tests {
                 }
                 for lin in &layers {
                     let want = (lin.forward(&x)? + &r)?;
-                    let got = lin.forward_add(&x, &r)?;
+                    let got = lin.forward_add(&x, Some(&r))?;
                     assert_eq!(got.dims(), want.dims());
                     let err = crate::kernels::max_abs_diff(&got, &want)?;
                     assert!(err < 1e-5, "{rows}x{k}x{n} bias {bias}: {err}");
                 }
                 let row = r.narrow(1, 0, 1)?;
-                let got = layers[0].forward_add(&x, &row)?;
+                let got = layers[0].forward_add(&x, Some(&row))?;
                 let want = layers[0].forward(&x)?.broadcast_add(&row)?;
                 assert!(crate::kernels::max_abs_diff(&got, &want)? < 1e-6);
             }

@@ -150,6 +150,13 @@ pub(crate) fn par_filled<T: Copy + Default + Send + Sync>(
     v
 }
 
+/// A zeroed buffer of `n` values for an output whose every element a kernel writes later, in
+/// its own partition: zeroed across the pool ([`par_filled`] with nothing to fill), not by a
+/// single-threaded `vec![0; n]` memset with the other core idle.
+pub(crate) fn par_zeroed<T: Copy + Default + Send + Sync>(n: usize) -> Vec<T> {
+    par_filled(n, 1 << 16, |_, _| {})
+}
+
 /// Transparent huge pages for a large buffer at `addr` (`bytes` long): above glibc's mmap
 /// threshold each such buffer is a fresh mapping faulted in 4 KiB at a time (page faults were
 /// ~20% of a 512² VAE decode), one fault per 2 MiB with huge pages.

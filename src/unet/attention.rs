@@ -67,11 +67,8 @@ impl FeedForward {
 
     fn chunks_with(&self, xs: &Tensor, chunk: usize, residual: Option<&Tensor>) -> Result<Tensor> {
         let run = |xs: &Tensor, r: Option<Tensor>| {
-            let h = self.project_in.forward(xs)?;
-            match r {
-                Some(r) => self.linear.forward_add(&h, &r),
-                None => self.linear.forward(&h),
-            }
+            self.linear
+                .forward_add(&self.project_in.forward(xs)?, r.as_ref())
         };
         let (b, t, c) = xs.dims3()?;
         if b * t <= chunk {
@@ -236,27 +233,11 @@ impl CrossAttention {
     }
 
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_with(xs, context, None)
+        self.forward_add(xs, context, None)
     }
 
     /// `forward(xs, context) + residual`, the residual added inside the output projection.
     pub fn forward_add(
-        &self,
-        xs: &Tensor,
-        context: Option<&Tensor>,
-        residual: &Tensor,
-    ) -> Result<Tensor> {
-        self.forward_with(xs, context, Some(residual))
-    }
-
-    fn project_out(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        match residual {
-            Some(r) => self.to_out.forward_add(xs, r),
-            None => self.to_out.forward(xs),
-        }
-    }
-
-    fn forward_with(
         &self,
         xs: &Tensor,
         context: Option<&Tensor>,
@@ -274,7 +255,7 @@ impl CrossAttention {
             } else {
                 crate::kernels::attention_heads(q, k, v, h, s)?
             };
-            return self.project_out(&xs, residual);
+            return self.to_out.forward_add(&xs, residual);
         }
         let query = self.reshape_heads_to_batch_dim(&query)?;
         let key = self.reshape_heads_to_batch_dim(&key)?;
@@ -285,7 +266,7 @@ impl CrossAttention {
             None => self.attention(&query, &key, &value)?,
             Some(slice_size) => self.sliced_attention(&query, &key, &value, slice_size)?,
         };
-        self.project_out(&xs, residual)
+        self.to_out.forward_add(&xs, residual)
     }
 }
 
@@ -345,10 +326,12 @@ impl BasicTransformerBlock {
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         use crate::kernels::clip::apply_layer_norm as ln;
         // Each residual is added inside the projection that ends its branch.
-        let xs = self.attn1.forward_add(&ln(&self.norm1, xs)?, None, xs)?;
+        let xs = self
+            .attn1
+            .forward_add(&ln(&self.norm1, xs)?, None, Some(xs))?;
         let xs = self
             .attn2
-            .forward_add(&ln(&self.norm2, &xs)?, context, &xs)?;
+            .forward_add(&ln(&self.norm2, &xs)?, context, Some(&xs))?;
         self.ff.forward_add(&ln(&self.norm3, &xs)?, &xs)
     }
 }
