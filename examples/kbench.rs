@@ -15,8 +15,65 @@ fn time<F: FnMut() -> Result<Tensor>>(name: &str, iters: usize, mut f: F) -> Res
     Ok(best)
 }
 
+/// A ResNet block's two adds (time embedding, shortcut) as separate passes after the
+/// convolution vs in its epilogue (`EASEL_KBENCH_EPILOGUE=1`), interleaved, best of 10.
+fn epilogue(dev: &Device) -> Result<()> {
+    use candle_core::{DType, Module};
+    let shapes = [
+        (2usize, 320usize, 64usize),
+        (2, 640, 32),
+        (2, 1280, 16),
+        (2, 1280, 8),
+        (1, 256, 256),
+        (1, 128, 512),
+    ];
+    for &(n, c, hw) in &shapes {
+        let x = Tensor::randn(0f32, 1.0, (n, c, hw, hw), dev)?;
+        let w = Tensor::randn(0f32, 0.05, (c, c, 3, 3), dev)?;
+        let shift = Tensor::randn(0f32, 1.0, (n, c), dev)?;
+        let res = Tensor::randn(0f32, 1.0, (n, c, hw, hw), dev)?;
+        for dtype in [DType::F32, DType::BF16] {
+            let cfg = candle_nn::Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            let inner = candle_nn::Conv2d::new(w.to_dtype(dtype)?, None, cfg);
+            let conv = kernels::Conv2d::new(inner)?;
+            let (mut apart, mut fused) = (f64::INFINITY, f64::INFINITY);
+            for _ in 0..10 {
+                let t = Instant::now();
+                let y = conv.forward(&x)?;
+                let y = shift.unsqueeze(2)?.unsqueeze(3)?.broadcast_add(&y)?;
+                let _z = (&res + conv.forward(&y)?)?;
+                apart = apart.min(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                let e = kernels::Epilogue {
+                    shift: Some(&shift),
+                    residual: None,
+                };
+                let y = conv.forward_with(&x, e)?;
+                let e = kernels::Epilogue {
+                    shift: None,
+                    residual: Some(&res),
+                };
+                let _z = conv.forward_with(&y, e)?;
+                fused = fused.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "two convs + adds {n}x{c}@{hw} {dtype:?}: apart {:.2} ms, in the epilogue {:.2} ms",
+                apart * 1e3,
+                fused * 1e3
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let dev = Device::Cpu;
+    if std::env::var("EASEL_KBENCH_EPILOGUE").is_ok() {
+        return epilogue(&dev);
+    }
     for &(n, c, hw) in &[(2usize, 320usize, 64usize), (1, 128, 256), (1, 512, 64)] {
         let x = Tensor::randn(0f32, 1.0, (n, c, hw, hw), &dev)?;
         let w = Tensor::randn(0f32, 0.1, (c, c, 3, 3), &dev)?;

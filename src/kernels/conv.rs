@@ -11,7 +11,7 @@ use super::bf16::{self, Path};
 use super::tiled::{self, Dims};
 use super::winograd;
 use super::SendPtr;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn as nn;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -87,16 +87,101 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_with(xs, Epilogue::default())
+    }
+}
+
+/// What a convolution adds to its output as it writes it, instead of in passes of their own
+/// over the whole activation (a ResNet block's time embedding after its first convolution and
+/// its shortcut after the second: two full reads and writes of each block's output, through
+/// candle's broadcast and binary ops). The result is the same, rounding included:
+/// `(conv + shift) + residual`, each term added in that order.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// `(n, cout)` (or `(1, cout)` for every image): added to every pixel of channel `c` of
+    /// image `i`.
+    pub shift: Option<&'a Tensor>,
+    /// `(n, cout, ho, wo)`: added element by element.
+    pub residual: Option<&'a Tensor>,
+}
+
+impl Conv2d {
+    /// `forward(xs)` with the epilogue's terms added (see [`Epilogue`]).
+    pub fn forward_with(&self, xs: &Tensor, e: Epilogue) -> Result<Tensor> {
         match &self.kind {
-            Kind::Taps(p) if xs.rank() == 4 => xs
-                .to_dtype(DType::F32)?
-                .contiguous()?
-                .apply_op1_no_bwd(&TapsOp(p.clone(), self.winograd)),
+            Kind::Taps(p) if xs.rank() == 4 => {
+                let shift = match e.shift {
+                    Some(s) => Some(s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                    None => None,
+                };
+                let residual = match e.residual {
+                    Some(r) => Some(r.to_dtype(DType::F32)?.contiguous()?),
+                    None => None,
+                };
+                let op = TapsOp {
+                    conv: p.clone(),
+                    winograd: self.winograd,
+                    shift,
+                    residual,
+                };
+                xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&op)
+            }
             Kind::Taps(_) => {
                 candle_core::bail!("conv2d: expected a 4-d input, got {:?}", xs.dims())
             }
-            Kind::Candle(inner) => inner.forward(xs),
+            Kind::Candle(inner) => {
+                let mut ys = inner.forward(xs)?;
+                if let Some(s) = e.shift {
+                    ys = ys.broadcast_add(&s.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?;
+                }
+                match e.residual {
+                    Some(r) => ys + r,
+                    None => Ok(ys),
+                }
+            }
         }
+    }
+}
+
+/// [`Epilogue`]'s terms as slices, checked against the output's shape.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Adds<'a> {
+    /// `n × cout`.
+    pub shift: Option<&'a [f32]>,
+    /// `n × cout × plane`.
+    pub residual: Option<&'a [f32]>,
+}
+
+impl Adds<'_> {
+    /// Adds the terms for image `i`, channel `co` of `cout`, to `dst`: that plane's pixels from
+    /// `at` on (`plane` pixels a channel).
+    #[inline]
+    pub fn apply(
+        &self,
+        i: usize,
+        co: usize,
+        cout: usize,
+        plane: usize,
+        at: usize,
+        dst: &mut [f32],
+    ) {
+        if let Some(s) = self.shift {
+            // One row of shifts serves every image (a time embedding of batch 1).
+            let s = if s.len() == cout {
+                s[co]
+            } else {
+                s[i * cout + co]
+            };
+            dst.iter_mut().for_each(|d| *d += s);
+        }
+        if let Some(r) = self.residual {
+            let r = &r[(i * cout + co) * plane + at..][..dst.len()];
+            dst.iter_mut().zip(r).for_each(|(d, &r)| *d += r);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.shift.is_none() && self.residual.is_none()
     }
 }
 
@@ -105,8 +190,13 @@ impl Module for Conv2d {
 /// Cin, K, K), `b` (Cout).
 pub fn conv2d_fast(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize) -> Result<Tensor> {
     let packed = PackedConv::new(&w.to_dtype(DType::F32)?, b, padding, Form::F32)?;
-    x.contiguous()?
-        .apply_op1_no_bwd(&TapsOp(Arc::new(packed), true))
+    let op = TapsOp {
+        conv: Arc::new(packed),
+        winograd: true,
+        shift: None,
+        residual: None,
+    };
+    x.contiguous()?.apply_op1_no_bwd(&op)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,8 +357,15 @@ struct Geometry {
 /// `C += Σ_taps A_tap · B_tap` (`tiled::gemm_f32`, `tiled::gemm_widen` or `bf16::gemm`).
 type TapGemm<A, E> = unsafe fn(Dims, &[(usize, usize)], &[A], &[E], *mut f32);
 
-/// f32 in, f32 out; the flag allows the Winograd path.
-struct TapsOp(Arc<PackedConv>, bool);
+/// f32 in, f32 out, with an [`Epilogue`]'s terms.
+struct TapsOp {
+    conv: Arc<PackedConv>,
+    /// Winograd allowed.
+    winograd: bool,
+    shift: Option<Vec<f32>>,
+    /// f32, contiguous.
+    residual: Option<Tensor>,
+}
 
 impl TapsOp {
     /// `fill(b)` lays the batch out as `B` (one canvas row of `cs` per channel or pair), `mm`
@@ -286,8 +383,9 @@ impl TapsOp {
         fill: impl Fn(usize, &mut [E]) + Sync + Send,
         mm: TapGemm<A, E>,
         pad: usize,
+        adds: Adds,
     ) -> Vec<f32> {
-        let pc = &*self.0;
+        let pc = &*self.conv;
         let (cout, kw) = (pc.cout, pc.kw);
         let ldc = g.grid.next_multiple_of(pad);
         // Canvas row r (< rows) is channel (pair) r; the slack past the last is zeros.
@@ -325,7 +423,9 @@ impl TapsOp {
             for co in 0..cout {
                 for y in 0..g.ho {
                     let from = co * ldc + y * g.wp;
-                    acc.copy_within(from..from + g.wo, (co * g.ho + y) * g.wo);
+                    let to = (co * g.ho + y) * g.wo;
+                    acc.copy_within(from..from + g.wo, to);
+                    adds.apply(0, co, cout, plane, y * g.wo, &mut acc[to..to + g.wo]);
                 }
             }
             acc.truncate(cout * plane);
@@ -339,6 +439,9 @@ impl TapsOp {
                 let from = (i * g.hp + y) * g.wp;
                 d[y * g.wo..(y + 1) * g.wo].copy_from_slice(&a[from..from + g.wo]);
             }
+            if !adds.is_empty() {
+                adds.apply(i, co, cout, plane, 0, d);
+            }
         })
     }
 }
@@ -349,7 +452,7 @@ impl CustomOp1 for TapsOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let pc = &*self.0;
+        let pc = &*self.conv;
         let (n, cin, h, wd) = l.shape().dims4()?;
         if cin != pc.cin {
             candle_core::bail!("conv: {cin} input channels, kernel expects {}", pc.cin);
@@ -374,6 +477,33 @@ impl CustomOp1 for TapsOp {
             grid: (n * hp - kh + 1) * wp,
         };
         let x = super::f32_slice(s, l, "conv")?;
+        let guard = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let residual = match &guard {
+            Some((st, rl)) => {
+                let candle_core::Storage::Cpu(cs) = &**st else {
+                    candle_core::bail!("conv: the residual must be on the CPU");
+                };
+                let r = super::f32_slice(cs, rl, "conv residual")?;
+                if rl.dims() != [n, pc.cout, ho, wo] {
+                    candle_core::bail!(
+                        "conv: residual of shape {:?}, output is {:?}",
+                        rl.dims(),
+                        [n, pc.cout, ho, wo]
+                    );
+                }
+                Some(r)
+            }
+            None => None,
+        };
+        if let Some(sh) = &self.shift {
+            if sh.len() != n * pc.cout && sh.len() != pc.cout {
+                candle_core::bail!("conv: {} shifts for {n} × {} outputs", sh.len(), pc.cout);
+            }
+        }
+        let adds = Adds {
+            shift: self.shift.as_deref(),
+            residual,
+        };
         // bf16 pairs on AMX tiles run the 9 taps at up to 16× the f32 rate, which beats
         // Winograd's f32 GEMMs at every UNet level (examples/wbench: 2×320@64² 49 vs 53 ms,
         // 2×1280@16² 62 vs 99 ms) and, since the weights are tile panels, at the VAE's too
@@ -381,7 +511,7 @@ impl CustomOp1 for TapsOp {
         // 91–139 vs 121–145: two runs).
         let amx = bf16::kernel() == bf16::Kernel::Amx;
         let amx_taps = amx && matches!(pc.w, TapWeights::Pairs(_) | TapWeights::Panels(_));
-        let tile = (self.1 && kh == 3 && kw == 3 && p == 1 && !amx_taps)
+        let tile = (self.winograd && kh == 3 && kw == 3 && p == 1 && !amx_taps)
             .then(|| winograd::pays(n, h, wd))
             .flatten();
         if let Some(tile) = tile {
@@ -392,7 +522,8 @@ impl CustomOp1 for TapsOp {
                 TapWeights::Panels(_) => unreachable!("panels exist only where AMX takes the taps"),
             };
             let dims = (n, cin, h, wd);
-            let out = winograd::conv3x3(x, dims, taps, pc.cout, pc.bias.as_deref(), tile);
+            let out =
+                winograd::conv3x3_with(x, dims, taps, pc.cout, pc.bias.as_deref(), tile, adds);
             return Ok((CpuStorage::F32(out), Shape::from((n, pc.cout, ho, wo))));
         }
         let plane = h * wd;
@@ -410,8 +541,8 @@ impl CustomOp1 for TapsOp {
             }
         };
         let out = match &pc.w {
-            TapWeights::F32(w) => self.run(&g, cin, w, fill_f32, tiled::gemm_f32, 1),
-            TapWeights::Widen(w) => self.run(&g, cin, w, fill_f32, tiled::gemm_widen, 1),
+            TapWeights::F32(w) => self.run(&g, cin, w, fill_f32, tiled::gemm_f32, 1, adds),
+            TapWeights::Widen(w) => self.run(&g, cin, w, fill_f32, tiled::gemm_widen, 1, adds),
             TapWeights::Pairs(w) | TapWeights::Panels(w) => {
                 let fill = |q: usize, dst: &mut [u32]| {
                     for i in 0..g.n {
@@ -428,7 +559,7 @@ impl CustomOp1 for TapsOp {
                     TapWeights::Panels(_) => bf16::gemm_a_panels,
                     _ => bf16::gemm,
                 };
-                self.run(&g, cin.div_ceil(2), w, fill, mm, pad)
+                self.run(&g, cin.div_ceil(2), w, fill, mm, pad, adds)
             }
         };
         Ok((CpuStorage::F32(out), Shape::from((n, pc.cout, ho, wo))))
@@ -561,6 +692,80 @@ mod tests {
                 let big = if h * w >= 128 * 128 { 2.0 } else { 1.0 };
                 let tol = 4e-5 * big * (9.0 * cin as f32).sqrt();
                 assert!(err < tol, "{name} {n}x{cin}x{cout}x{h}x{w}: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The epilogue adds exactly what separate passes would, on every path: the tap GEMMs
+    /// (f32, and bf16 pairs, on AMX tiles where they run) with one and two images (cropped in
+    /// place / into a new buffer), Winograd F(4,3) and F(2,3), and candle's strided fallback;
+    /// shifts per image and shared by the batch. A wrong residual shape is an error.
+    #[test]
+    fn epilogue_equals_separate_adds() -> Result<()> {
+        let dev = Device::Cpu;
+        // (batch, in, out, size, stride): 64 (then 34) on a side takes Winograd F(4,3) at
+        // batch 1 (F(2,3) at 2×16²); 9×11 stays on the taps.
+        let cases = [
+            (1, 40, 36, 9, 1),
+            (2, 41, 36, 9, 1),
+            (2, 64, 64, 9, 1),
+            (1, 8, 16, 34, 1),
+            (2, 16, 32, 16, 1),
+            (2, 6, 10, 9, 2),
+        ];
+        for (n, cin, cout, hw, stride) in cases {
+            let x = Tensor::randn(0f32, 1.0, (n, cin, hw, hw + 2), &dev)?;
+            let wt = Tensor::randn(0f32, 0.2, (cout, cin, 3, 3), &dev)?;
+            let bias = Tensor::randn(0f32, 1.0, cout, &dev)?;
+            let cfg = nn::Conv2dConfig {
+                padding: 1,
+                stride,
+                ..Default::default()
+            };
+            for dtype in [DType::F32, DType::BF16] {
+                let inner = nn::Conv2d::new(wt.to_dtype(dtype)?, Some(bias.to_dtype(dtype)?), cfg);
+                let conv = Conv2d::new(inner)?;
+                let y = conv.forward(&x)?;
+                let (_, _, ho, wo) = y.dims4()?;
+                let residual = Tensor::randn(0f32, 1.0, (n, cout, ho, wo), &dev)?;
+                for shift_rows in [n, 1] {
+                    let shift = Tensor::randn(0f32, 1.0, (shift_rows, cout), &dev)?;
+                    let want = y
+                        .broadcast_add(&shift.reshape((shift_rows, cout, 1, 1))?)?
+                        .add(&residual)?;
+                    let e = Epilogue {
+                        shift: Some(&shift),
+                        residual: Some(&residual),
+                    };
+                    let got = conv.forward_with(&x, e)?;
+                    let err = crate::kernels::max_abs_diff(&got, &want)?;
+                    assert!(
+                        err == 0.0,
+                        "{dtype:?} {n}x{cin}x{cout}x{hw} s{stride}: {err}"
+                    );
+                }
+                let only = Epilogue {
+                    shift: None,
+                    residual: Some(&residual),
+                };
+                let err = crate::kernels::max_abs_diff(
+                    &conv.forward_with(&x, only)?,
+                    &(&y + &residual)?,
+                )?;
+                assert!(
+                    err == 0.0,
+                    "residual only, {dtype:?} {n}x{cin}x{cout}x{hw}: {err}"
+                );
+                let wrong = Tensor::zeros((n, cout, ho + 1, wo), DType::F32, &dev)?;
+                let bad = Epilogue {
+                    shift: None,
+                    residual: Some(&wrong),
+                };
+                assert!(
+                    conv.forward_with(&x, bad).is_err(),
+                    "{dtype:?} {n}x{cin}x{hw}"
+                );
             }
         }
         Ok(())

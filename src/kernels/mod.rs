@@ -85,7 +85,7 @@ pub(crate) unsafe fn matmul(
         par,
     );
 }
-pub use conv::{conv2d, Conv2d};
+pub use conv::{conv2d, Conv2d, Epilogue};
 pub use linear::{layer_norm, linear, linear_no_bias, Linear};
 pub use norm::{group_norm, GroupNorm};
 

@@ -14,6 +14,7 @@
 //!
 //! The points 0, ±1, ±2 keep the transforms' constants small: the f32 error is a few times a
 //! direct convolution's (tested against candle's convolution below and in the parity tests).
+use super::conv::Adds;
 use super::simd::dispatch;
 use super::SendPtr;
 use rayon::prelude::*;
@@ -254,9 +255,23 @@ pub fn conv3x3(
     bias: Option<&[f32]>,
     tile: Tile,
 ) -> Vec<f32> {
-    conv3x3_capped(x, dims, taps, cout, bias, tile, U_CAP_BYTES)
+    conv3x3_with(x, dims, taps, cout, bias, tile, Adds::default())
 }
 
+/// [`conv3x3`] with an epilogue's terms added to each output row as it is written.
+pub(crate) fn conv3x3_with(
+    x: &[f32],
+    dims: (usize, usize, usize, usize),
+    taps: Taps,
+    cout: usize,
+    bias: Option<&[f32]>,
+    tile: Tile,
+    adds: Adds,
+) -> Vec<f32> {
+    conv3x3_capped(x, dims, taps, cout, bias, tile, U_CAP_BYTES, adds)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn conv3x3_capped(
     x: &[f32],
     (n, cin, h, w): (usize, usize, usize, usize),
@@ -265,6 +280,7 @@ fn conv3x3_capped(
     bias: Option<&[f32]>,
     tile: Tile,
     cap_bytes: usize,
+    adds: Adds,
 ) -> Vec<f32> {
     assert_eq!(x.len(), n * cin * h * w, "winograd: input size");
     let m = tile.m();
@@ -303,7 +319,17 @@ fn conv3x3_capped(
             .into_par_iter()
             .for_each_init(Buffers::default, |bufs, c| {
                 let r = c * per..((c + 1) * per).min(rows);
-                chunk(x, g, cin, u, (co.clone(), cout), bias, r, &dst, bufs);
+                chunk(
+                    x,
+                    g,
+                    cin,
+                    u,
+                    (co.clone(), cout),
+                    (bias, adds),
+                    r,
+                    &dst,
+                    bufs,
+                );
             });
     }
     out
@@ -336,7 +362,7 @@ fn chunk(
     cin: usize,
     u: &[f32],
     (chans, cout_all): (std::ops::Range<usize>, usize),
-    bias: Option<&[f32]>,
+    (bias, adds): (Option<&[f32]>, Adds),
     rows: std::ops::Range<usize>,
     out: &SendPtr,
     bufs: &mut Buffers,
@@ -399,6 +425,7 @@ fn chunk(
                 Tile::F4 => output_row(m, at, stride, tw, g.w, b, row, dst),
                 Tile::F2 => output_row2(m, at, stride, tw, g.w, b, row, dst),
             }
+            adds.apply(i, oc, cout_all, plane, ys.start * g.w, dst);
         }
     }
 }
@@ -719,7 +746,8 @@ mod tests {
                     ("pairs", Taps::Pairs(&pairs), 4 * np * cin * 2),
                 ] {
                     let dims = (n, cin, h, w);
-                    let got = conv3x3_capped(&xs, dims, taps, cout, Some(&b), tile, cap);
+                    let got =
+                        conv3x3_capped(&xs, dims, taps, cout, Some(&b), tile, cap, Adds::default());
                     let got = Tensor::from_vec(got, (n, cout, h, w), &dev)?;
                     let err = crate::kernels::max_abs_diff(&got, &want)?;
                     assert!(

@@ -5,8 +5,8 @@
 //! Denoising Diffusion Implicit Models, K. He and al, 2015.
 //! - [Paper](https://arxiv.org/abs/1512.03385)
 //!
-use crate::kernels::{conv2d, group_norm, Conv2d, GroupNorm};
-use candle_core::{Result, Tensor, D};
+use crate::kernels::{conv2d, group_norm, Conv2d, Epilogue, GroupNorm};
+use candle_core::{Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;
 
@@ -120,16 +120,28 @@ impl ResnetBlock2D {
             None => xs.clone(),
         };
         let xs = self.norm1.forward_silu(xs)?;
-        let xs = self.conv1.forward(&xs)?;
-        let xs = match (temb, &self.time_emb_proj) {
-            (Some(temb), Some(time_emb_proj)) => time_emb_proj
-                .forward(&nn::ops::silu(temb)?)?
-                .unsqueeze(D::Minus1)?
-                .unsqueeze(D::Minus1)?
-                .broadcast_add(&xs)?,
-            _ => xs,
+        // The time embedding (one value per image and channel) and the shortcut are added by
+        // the convolutions as they write their outputs, not in passes of their own.
+        let shift = match (temb, &self.time_emb_proj) {
+            (Some(temb), Some(time_emb_proj)) => {
+                Some(time_emb_proj.forward(&nn::ops::silu(temb)?)?)
+            }
+            _ => None,
         };
-        let xs = self.conv2.forward(&self.norm2.forward_silu(&xs)?)?;
+        let first = Epilogue {
+            shift: shift.as_ref(),
+            residual: None,
+        };
+        let xs = self.conv1.forward_with(&xs, first)?;
+        let xs = self.norm2.forward_silu(&xs)?;
+        if self.config.output_scale_factor == 1.0 {
+            let second = Epilogue {
+                shift: None,
+                residual: Some(&shortcut_xs),
+            };
+            return self.conv2.forward_with(&xs, second);
+        }
+        let xs = self.conv2.forward(&xs)?;
         crate::kernels::scaled_sum(&shortcut_xs, &xs, self.config.output_scale_factor)
     }
 }
