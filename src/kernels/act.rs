@@ -37,12 +37,16 @@ impl CustomOp1 for Geglu {
         let n = last / 2;
         // Several rows per task to amortise scheduling.
         let rows = (16384 / n).max(1);
-        let out = super::par_filled(x.len() / 2, n * rows, |t, o| {
-            let i = &x[t * rows * last..];
-            for (o, i) in o.chunks_mut(n).zip(i.chunks(last)) {
-                geglu_row(o, &i[..n], &i[n..]);
-            }
-        });
+        // SAFETY: chunk t is whole rows of n outputs (the last one fewer rows), each written
+        // by geglu_row from its input row.
+        let out = unsafe {
+            super::par_written(x.len() / 2, n * rows, |t, o| {
+                let i = &x[t * rows * last..];
+                for (o, i) in o.chunks_mut(n).zip(i.chunks(last)) {
+                    geglu_row(o, &i[..n], &i[n..]);
+                }
+            })
+        };
         dims.push(n);
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }

@@ -232,20 +232,23 @@ impl CustomOp1 for LayerNormOp {
                 self.weight.len()
             );
         }
-        // Several rows per task: one row is too little work to be worth a task. Each task's
-        // block of the output is zeroed by that task, in cache (see `par_filled`).
+        // Several rows per task: one row is too little work to be worth a task.
         let rows = (8192 / n).max(1);
-        let out = super::par_filled(x.len(), n * rows, |t, o: &mut [f32]| {
-            let x = &x[t * n * rows..][..o.len()];
-            for (o, x) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
-                let (sum, sq) = shifted_sums(x, x[0]);
-                let m = sum as f64 / n as f64;
-                let var = (sq as f64 / n as f64 - m * m).max(0.0);
-                let mean = (m + x[0] as f64) as f32;
-                let inv = (1.0 / (var + self.eps).sqrt()) as f32;
-                norm_row(o, x, mean, inv, &self.weight, &self.bias);
-            }
-        });
+        // SAFETY: x.len() is a multiple of n (the last dimension), so each chunk is whole rows,
+        // every one written by norm_row (weight and bias are n long, checked above).
+        let out = unsafe {
+            super::par_written(x.len(), n * rows, |t, o| {
+                let x = &x[t * n * rows..][..o.len()];
+                for (o, x) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+                    let (sum, sq) = shifted_sums(x, x[0]);
+                    let m = sum as f64 / n as f64;
+                    let var = (sq as f64 / n as f64 - m * m).max(0.0);
+                    let mean = (m + x[0] as f64) as f32;
+                    let inv = (1.0 / (var + self.eps).sqrt()) as f32;
+                    norm_row(o, x, mean, inv, &self.weight, &self.bias);
+                }
+            })
+        };
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
@@ -276,9 +279,17 @@ super::simd::dispatch! {
 
 super::simd::dispatch! {
     /// dst = (x − mean) · inv · weight + bias
-    fn norm_row(dst: &mut [f32], x: &[f32], mean: f32, inv: f32, weight: &[f32], bias: &[f32]) {
+    /// Writes all of `dst` (as long as `x`, `weight` and `bias`).
+    fn norm_row(
+        dst: &mut [std::mem::MaybeUninit<f32>],
+        x: &[f32],
+        mean: f32,
+        inv: f32,
+        weight: &[f32],
+        bias: &[f32]
+    ) {
         for (((d, &x), &w), &b) in dst.iter_mut().zip(x).zip(weight).zip(bias) {
-            *d = (x - mean) * inv * w + b;
+            d.write((x - mean) * inv * w + b);
         }
     }
 }

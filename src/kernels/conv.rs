@@ -395,11 +395,12 @@ impl TapsOp {
             }
         });
         let bias = pc.bias.as_deref();
-        let mut acc = super::par_filled(cout * ldc, ldc, |r, row| {
-            if let Some(b) = bias {
-                row.fill(b[r]);
-            }
-        });
+        // SAFETY: each row is filled whole, with its bias or zero.
+        let mut acc = unsafe {
+            super::par_written(cout * ldc, ldc, |r, row| {
+                row.fill(std::mem::MaybeUninit::new(bias.map_or(0.0, |b| b[r])));
+            })
+        };
         let parts: Vec<(usize, usize)> = (0..pc.kh * kw)
             .map(|t| (t * cout * rows, (t / kw) * g.wp + t % kw))
             .collect();
@@ -432,17 +433,20 @@ impl TapsOp {
             acc.shrink_to_fit();
             return acc;
         }
-        super::par_filled(g.n * cout * plane, plane, |ic, d| {
-            let (i, co) = (ic / cout, ic % cout);
-            let a = &acc[co * ldc..(co + 1) * ldc];
-            for y in 0..g.ho {
-                let from = (i * g.hp + y) * g.wp;
-                d[y * g.wo..(y + 1) * g.wo].copy_from_slice(&a[from..from + g.wo]);
-            }
-            if !adds.is_empty() {
-                adds.apply(i, co, cout, plane, 0, d);
-            }
-        })
+        // SAFETY: chunk ic is one output plane (ho rows of wo), every row copied below.
+        unsafe {
+            super::par_written(g.n * cout * plane, plane, |ic, d| {
+                let (i, co) = (ic / cout, ic % cout);
+                let a = &acc[co * ldc..(co + 1) * ldc];
+                for y in 0..g.ho {
+                    let from = (i * g.hp + y) * g.wp;
+                    d[y * g.wo..(y + 1) * g.wo].write_copy_of_slice(&a[from..from + g.wo]);
+                }
+                if !adds.is_empty() {
+                    adds.apply(i, co, cout, plane, 0, super::assume_written(d));
+                }
+            })
+        }
     }
 }
 

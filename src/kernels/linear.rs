@@ -372,28 +372,35 @@ fn with_bias(
             candle_core::bail!("linear: residual of {} values for {rows} × {n}", r.len());
         }
     }
+    // The rows below are written whole only if the bias is a whole row.
+    if let Some(b) = bias {
+        if b.len() != n {
+            candle_core::bail!("linear: bias of {} values for {n} outputs", b.len());
+        }
+    }
     // Several rows per task to amortise scheduling.
     let per = (16384 / n.max(1)).max(1);
-    Ok(super::par_filled(
-        rows * n,
-        per * n,
-        |t, c| match residual {
-            Some(r) => {
+    // SAFETY: each branch writes the whole chunk (whole rows of n: per · n values, the last
+    // chunk fewer rows).
+    Ok(unsafe {
+        super::par_written(rows * n, per * n, |t, c| match (residual, bias) {
+            (Some(r), Some(b)) => {
                 let r = &r[t * per * n..][..c.len()];
-                c.copy_from_slice(r);
-                if let Some(b) = bias {
-                    for row in c.chunks_mut(n) {
-                        row.iter_mut().zip(b).for_each(|(x, &b)| *x += b);
+                for (row, r) in c.chunks_mut(n).zip(r.chunks(n)) {
+                    for ((x, &r), &b) in row.iter_mut().zip(r).zip(b) {
+                        x.write(r + b);
                     }
                 }
             }
-            None => {
-                if let Some(b) = bias {
-                    c.chunks_mut(n).for_each(|row| row.copy_from_slice(b));
-                }
+            (Some(r), None) => {
+                c.write_copy_of_slice(&r[t * per * n..][..c.len()]);
             }
-        },
-    ))
+            (None, Some(b)) => c.chunks_mut(n).for_each(|row| {
+                row.write_copy_of_slice(b);
+            }),
+            (None, None) => c.fill(std::mem::MaybeUninit::new(0.0)),
+        })
+    })
 }
 
 /// `candle_nn::layer_norm`, with bf16 parameters on the CPU widened to f32 once (the

@@ -129,30 +129,37 @@ impl CustomOp1 for GroupNormOp {
             candle_core::bail!("group norm: {c} channels, weight has {}", weight.len());
         }
         let g = self.num_groups;
+        if g == 0 || !c.is_multiple_of(g) {
+            candle_core::bail!("group norm: {c} channels in {g} groups");
+        }
         let cg = c / g;
         let len = cg * hw;
-        let out = super::par_filled(x.len(), len, |i, dst| {
-            let src = &x[i * len..(i + 1) * len];
-            let gi = i % g;
-            let shift = src[0];
-            let (s, q) = sum_and_sq(src, shift);
-            let m = s / len as f64;
-            let var = (q / len as f64 - m * m).max(0.0);
-            let mean = (m + shift as f64) as f32;
-            let inv = (1.0 / (var + self.eps).sqrt()) as f32;
-            for j in 0..cg {
-                let ch = gi * cg + j;
-                let a = inv * weight[ch];
-                let b = bias[ch] - mean * a;
-                affine_act(
-                    &mut dst[j * hw..(j + 1) * hw],
-                    &src[j * hw..(j + 1) * hw],
-                    a,
-                    b,
-                    self.silu,
-                );
-            }
-        });
+        // SAFETY: chunk i is one group of one image (cg whole channel planes: g divides c), each
+        // plane written by affine_act.
+        let out = unsafe {
+            super::par_written(x.len(), len, |i, dst| {
+                let src = &x[i * len..(i + 1) * len];
+                let gi = i % g;
+                let shift = src[0];
+                let (s, q) = sum_and_sq(src, shift);
+                let m = s / len as f64;
+                let var = (q / len as f64 - m * m).max(0.0);
+                let mean = (m + shift as f64) as f32;
+                let inv = (1.0 / (var + self.eps).sqrt()) as f32;
+                for j in 0..cg {
+                    let ch = gi * cg + j;
+                    let a = inv * weight[ch];
+                    let b = bias[ch] - mean * a;
+                    affine_act(
+                        &mut dst[j * hw..(j + 1) * hw],
+                        &src[j * hw..(j + 1) * hw],
+                        a,
+                        b,
+                        self.silu,
+                    );
+                }
+            })
+        };
         let _ = n;
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }

@@ -289,15 +289,16 @@ dispatch! {
 
 dispatch! {
     /// dst = src * a + b, then SiLU if `silu`.
-    pub fn affine_act(dst: &mut [f32], src: &[f32], a: f32, b: f32, silu: bool) {
+    /// Writes all of `dst` (as long as `src`).
+    pub fn affine_act(dst: &mut [std::mem::MaybeUninit<f32>], src: &[f32], a: f32, b: f32, silu: bool) {
         if silu {
             for (d, &s) in dst.iter_mut().zip(src) {
                 let y = s * a + b;
-                *d = y / (1.0 + exp_f32(-y));
+                d.write(y / (1.0 + exp_f32(-y)));
             }
         } else {
             for (d, &s) in dst.iter_mut().zip(src) {
-                *d = s * a + b;
+                d.write(s * a + b);
             }
         }
     }
@@ -315,12 +316,13 @@ dispatch! {
 dispatch! {
     /// dst = a · gelu(g), GELU in candle's tanh form:
     /// 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))), tanh(y) = 1 − 2/(e^{2y} + 1).
-    pub fn geglu_row(dst: &mut [f32], a: &[f32], g: &[f32]) {
+    /// Writes all of `dst` (as long as `a` and `g`).
+    pub fn geglu_row(dst: &mut [std::mem::MaybeUninit<f32>], a: &[f32], g: &[f32]) {
         const C: f32 = 0.797_884_6;
         for ((d, &a), &g) in dst.iter_mut().zip(a).zip(g) {
             let y = C * g * (1.0 + 0.044715 * g * g);
             let t = 1.0 - 2.0 / (exp_f32(2.0 * y) + 1.0);
-            *d = a * (0.5 * g * (1.0 + t));
+            d.write(a * (0.5 * g * (1.0 + t)));
         }
     }
 }
