@@ -717,13 +717,22 @@ mod tests {
             (1, 8, 16, 34, 1),
             (2, 16, 32, 16, 1),
             (2, 6, 10, 9, 2),
+            // 1×1 (a transformer's proj_out), no padding.
+            (2, 64, 32, 8, 0),
+            (1, 64, 32, 8, 0),
         ];
         for (n, cin, cout, hw, stride) in cases {
+            // Stride 0 marks the 1×1 cases.
+            let (k, pad, stride) = if stride == 0 {
+                (1, 0, 1)
+            } else {
+                (3, 1, stride)
+            };
             let x = Tensor::randn(0f32, 1.0, (n, cin, hw, hw + 2), &dev)?;
-            let wt = Tensor::randn(0f32, 0.2, (cout, cin, 3, 3), &dev)?;
+            let wt = Tensor::randn(0f32, 0.2, (cout, cin, k, k), &dev)?;
             let bias = Tensor::randn(0f32, 1.0, cout, &dev)?;
             let cfg = nn::Conv2dConfig {
-                padding: 1,
+                padding: pad,
                 stride,
                 ..Default::default()
             };

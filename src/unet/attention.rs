@@ -466,11 +466,17 @@ impl SpatialTransformer {
             let c = xs.dim(2)?;
             crate::kernels::transpose_batched(xs)?.reshape((batch, c, height, weight))
         };
-        let xs = match &self.proj_out {
-            Proj::Conv2d(p) => p.forward(&to_nchw(&xs)?)?,
-            Proj::Linear(p) => to_nchw(&p.forward(&xs)?)?,
-        };
-        xs + residual
+        match &self.proj_out {
+            // The residual added by the 1×1 convolution as it writes its output.
+            Proj::Conv2d(p) => {
+                let e = crate::kernels::Epilogue {
+                    shift: None,
+                    residual: Some(residual),
+                };
+                p.forward_with(&to_nchw(&xs)?, e)
+            }
+            Proj::Linear(p) => to_nchw(&p.forward(&xs)?)? + residual,
+        }
     }
 }
 
