@@ -333,6 +333,56 @@ fn tap_pairs(src: &[half::bf16], cout: usize, cin: usize, taps: usize) -> Vec<u3
     v
 }
 
+/// An f32 1×1 convolution without padding: per image one GEMM from the input as it lies into
+/// the output (pre-filled with the bias), then the epilogue. The tap path would copy the
+/// batch onto a canvas and crop the result back out: two copies of the input and output (10 MB
+/// each for a transformer's `proj_in`/`proj_out` at 64²) for nothing, since a 1×1 kernel
+/// needs neither padding nor shifted views.
+fn pointwise(
+    x: &[f32],
+    (n, cin, plane): (usize, usize, usize),
+    w: &[f32],
+    cout: usize,
+    bias: Option<&[f32]>,
+    adds: Adds,
+) -> Vec<f32> {
+    // SAFETY: each chunk is one output plane, filled whole with its bias (or zero).
+    let mut out = unsafe {
+        super::par_written(n * cout * plane, plane, |ic, d| {
+            d.fill(std::mem::MaybeUninit::new(
+                bias.map_or(0.0, |b| b[ic % cout]),
+            ));
+        })
+    };
+    if cin > 0 && plane > 0 {
+        for i in 0..n {
+            // SAFETY: W is cout × cin, image i's input cin × plane and its output cout × plane,
+            // all row-major inside their buffers.
+            unsafe {
+                super::matmul(
+                    cout,
+                    plane,
+                    cin,
+                    out.as_mut_ptr().add(i * cout * plane),
+                    plane,
+                    true,
+                    w.as_ptr(),
+                    (cin as isize, 1),
+                    x.as_ptr().add(i * cin * plane),
+                    (plane as isize, 1),
+                    true,
+                );
+            }
+        }
+    }
+    if !adds.is_empty() {
+        out.par_chunks_mut(plane.max(1))
+            .enumerate()
+            .for_each(|(ic, d)| adds.apply(ic / cout, ic % cout, cout, plane, 0, d));
+    }
+    out
+}
+
 /// Geometry of one call. The batch is stacked into one tall canvas (image `i`'s padded rows
 /// start at row `i·hp`), so every image goes through the same GEMM: at the UNet's 16² and 8²
 /// levels (1280 channels, 80–288 output columns per image) that doubles the GEMM's width and
@@ -528,6 +578,10 @@ impl CustomOp1 for TapsOp {
             let dims = (n, cin, h, wd);
             let out =
                 winograd::conv3x3_with(x, dims, taps, pc.cout, pc.bias.as_deref(), tile, adds);
+            return Ok((CpuStorage::F32(out), Shape::from((n, pc.cout, ho, wo))));
+        }
+        if let (1, 1, 0, TapWeights::F32(w)) = (kh, kw, p, &pc.w) {
+            let out = pointwise(x, (n, cin, h * wd), w, pc.cout, pc.bias.as_deref(), adds);
             return Ok((CpuStorage::F32(out), Shape::from((n, pc.cout, ho, wo))));
         }
         let plane = h * wd;
