@@ -445,6 +445,47 @@ impl TapsOp {
             }
         });
         let bias = pc.bias.as_deref();
+        let plane = g.ho * g.wo;
+        if kw == 1 && pc.kh == 1 && g.p == 0 && plane.is_multiple_of(pad) {
+            // 1×1: image i is columns i·plane.. of every canvas row, its output exactly the
+            // GEMM's result, so each image multiplies straight into its place in the output
+            // (no crop; the tiles need whole 32-column blocks, hence `pad` dividing `plane`).
+            // SAFETY: each chunk is one output plane, filled whole with its bias (or zero).
+            let mut out = unsafe {
+                super::par_written(g.n * cout * plane, plane, |ic, d| {
+                    d.fill(std::mem::MaybeUninit::new(
+                        bias.map_or(0.0, |b| b[ic % cout]),
+                    ));
+                })
+            };
+            let dims = Dims {
+                m: cout,
+                n: plane,
+                k: rows,
+                lda: rows,
+                ldb: g.cs,
+                ldc: plane,
+            };
+            for i in 0..g.n {
+                // SAFETY: B rows 0..rows × columns i·plane..(i+1)·plane lie inside the canvas
+                // (rows × cs, cs ≥ n·plane); A is cout × rows; C is image i's cout × plane.
+                unsafe {
+                    mm(
+                        dims,
+                        &[(0, i * plane)],
+                        w,
+                        &b,
+                        out.as_mut_ptr().add(i * cout * plane),
+                    )
+                };
+            }
+            if !adds.is_empty() {
+                out.par_chunks_mut(plane.max(1))
+                    .enumerate()
+                    .for_each(|(ic, d)| adds.apply(ic / cout, ic % cout, cout, plane, 0, d));
+            }
+            return out;
+        }
         // SAFETY: each row is filled whole, with its bias or zero.
         let mut acc = unsafe {
             super::par_written(cout * ldc, ldc, |r, row| {
@@ -467,7 +508,6 @@ impl TapsOp {
         // cs = n*hp*wp + kw; A is taps × cout × rows and C exactly cout × ldc.
         unsafe { mm(dims, &parts, w, &b, acc.as_mut_ptr()) };
         drop(b);
-        let plane = g.ho * g.wo;
         if g.n == 1 {
             // One image: crop in place rather than into a second buffer (the VAE's 512² layers
             // are 134 MB each). Rows only move left, so in order is safe.
@@ -646,6 +686,9 @@ mod tests {
         // Whole tiles (`cout` of 32, `cin` of 32): weights as AMX panels where AMX runs.
         (2, 64, 64, 9, 11, 3, 1),
         (1, 64, 32, 5, 7, 1, 0),
+        // 1×1 on planes of whole 32-column blocks: each image multiplied into its output
+        // (on AMX panels where they run).
+        (2, 64, 32, 8, 8, 1, 0),
     ];
 
     #[test]
@@ -774,6 +817,8 @@ mod tests {
             // 1×1 (a transformer's proj_out), no padding.
             (2, 64, 32, 8, 0),
             (1, 64, 32, 8, 0),
+            // 14 × 16 = 7 whole blocks of 32: straight into the output on AMX too.
+            (2, 64, 32, 14, 0),
         ];
         for (n, cin, cout, hw, stride) in cases {
             // Stride 0 marks the 1×1 cases.
