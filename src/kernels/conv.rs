@@ -616,8 +616,16 @@ impl CustomOp1 for TapsOp {
                 TapWeights::Panels(_) => unreachable!("panels exist only where AMX takes the taps"),
             };
             let dims = (n, cin, h, wd);
-            let out =
-                winograd::conv3x3_with(x, dims, taps, pc.cout, pc.bias.as_deref(), tile, adds);
+            let out = winograd::conv3x3_capped(
+                x,
+                dims,
+                taps,
+                pc.cout,
+                pc.bias.as_deref(),
+                tile,
+                winograd::U_CAP_BYTES,
+                adds,
+            );
             return Ok((CpuStorage::F32(out), Shape::from((n, pc.cout, ho, wo))));
         }
         if let (1, 1, 0, TapWeights::F32(w)) = (kh, kw, p, &pc.w) {

@@ -75,7 +75,7 @@ pub fn pays(n: usize, h: usize, w: usize) -> Option<Tile> {
 /// output channels (the input transform is repeated per block; it is cheap next to the GEMMs
 /// on those weight-heavy layers). 36 × 1920 × 640 f32 (the UNet's widest 32² layer) would be
 /// 177 MB.
-const U_CAP_BYTES: usize = 64 << 20;
+pub(crate) const U_CAP_BYTES: usize = 64 << 20;
 
 /// The Winograd-domain weight buffer, kept between calls: allocating it fresh made the kernel
 /// fault in (zero) tens of MB per call, which cost more than transforming into it (measured
@@ -255,24 +255,22 @@ pub fn conv3x3(
     bias: Option<&[f32]>,
     tile: Tile,
 ) -> Vec<f32> {
-    conv3x3_with(x, dims, taps, cout, bias, tile, Adds::default())
+    conv3x3_capped(
+        x,
+        dims,
+        taps,
+        cout,
+        bias,
+        tile,
+        U_CAP_BYTES,
+        Adds::default(),
+    )
 }
 
-/// [`conv3x3`] with an epilogue's terms added to each output row as it is written.
-pub(crate) fn conv3x3_with(
-    x: &[f32],
-    dims: (usize, usize, usize, usize),
-    taps: Taps,
-    cout: usize,
-    bias: Option<&[f32]>,
-    tile: Tile,
-    adds: Adds,
-) -> Vec<f32> {
-    conv3x3_capped(x, dims, taps, cout, bias, tile, U_CAP_BYTES, adds)
-}
-
+/// [`conv3x3`] with the Winograd-domain weights capped at `cap_bytes` and an epilogue's terms
+/// added to each output row as it is written.
 #[allow(clippy::too_many_arguments)]
-fn conv3x3_capped(
+pub(crate) fn conv3x3_capped(
     x: &[f32],
     (n, cin, h, w): (usize, usize, usize, usize),
     taps: Taps,
