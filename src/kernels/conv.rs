@@ -333,47 +333,56 @@ fn tap_pairs(src: &[half::bf16], cout: usize, cin: usize, taps: usize) -> Vec<u3
     v
 }
 
-/// An f32 1×1 convolution without padding: per image one GEMM from the input as it lies into
-/// the output (pre-filled with the bias), then the epilogue. The tap path would copy the
-/// batch onto a canvas and crop the result back out: two copies of the input and output (10 MB
-/// each for a transformer's `proj_in`/`proj_out` at 64²) for nothing, since a 1×1 kernel
-/// needs neither padding nor shifted views.
-fn pointwise(
-    x: &[f32],
-    (n, cin, plane): (usize, usize, usize),
-    w: &[f32],
-    cout: usize,
+/// `count` rows of `len` values, row `r` set to the bias of channel `r % cout` (zeros without
+/// one), built across the pool: the accumulator a convolution's products add into.
+fn bias_rows(count: usize, len: usize, cout: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    // SAFETY: each chunk is one row, filled whole.
+    unsafe {
+        super::par_written(count * len, len, |r, row| {
+            row.fill(std::mem::MaybeUninit::new(
+                bias.map_or(0.0, |b| b[r % cout]),
+            ));
+        })
+    }
+}
+
+/// A 1×1 convolution without padding, one GEMM per image straight into its output plane
+/// (pre-filled with the bias), then the epilogue: a 1×1 kernel needs neither padding nor
+/// shifted views, so the tap path's crop (and, for f32, its canvas: two copies of 10 MB for a
+/// transformer's `proj_in`/`proj_out` at 64²) would move the data for nothing. Image `i`'s `B`
+/// is `k` rows `ldb` apart from `b[i·step..]`.
+///
+/// # Safety
+/// Every image's `B` lies inside `b`, `w` is `cout × k` (as `mm` reads it), and the CPU runs
+/// `mm` on `(cout, plane, k)` (the AMX panel kernel needs `plane` in whole 32-column blocks).
+unsafe fn per_image<A, E>(
+    (n, cout, plane, k): (usize, usize, usize, usize),
+    (b, ldb, step): (&[E], usize, usize),
+    w: &[A],
+    mm: TapGemm<A, E>,
     bias: Option<&[f32]>,
     adds: Adds,
 ) -> Vec<f32> {
-    // SAFETY: each chunk is one output plane, filled whole with its bias (or zero).
-    let mut out = unsafe {
-        super::par_written(n * cout * plane, plane, |ic, d| {
-            d.fill(std::mem::MaybeUninit::new(
-                bias.map_or(0.0, |b| b[ic % cout]),
-            ));
-        })
+    let mut out = bias_rows(n * cout, plane, cout, bias);
+    let dims = Dims {
+        m: cout,
+        n: plane,
+        k,
+        lda: k,
+        ldb,
+        ldc: plane,
     };
-    if cin > 0 && plane > 0 {
-        for i in 0..n {
-            // SAFETY: W is cout × cin, image i's input cin × plane and its output cout × plane,
-            // all row-major inside their buffers.
-            unsafe {
-                super::matmul(
-                    cout,
-                    plane,
-                    cin,
-                    out.as_mut_ptr().add(i * cout * plane),
-                    plane,
-                    true,
-                    w.as_ptr(),
-                    (cin as isize, 1),
-                    x.as_ptr().add(i * cin * plane),
-                    (plane as isize, 1),
-                    true,
-                );
-            }
-        }
+    for i in 0..n {
+        // SAFETY: the caller's extents; C is image i's cout × plane of `out`.
+        unsafe {
+            mm(
+                dims,
+                &[(0, i * step)],
+                w,
+                b,
+                out.as_mut_ptr().add(i * cout * plane),
+            )
+        };
     }
     if !adds.is_empty() {
         out.par_chunks_mut(plane.max(1))
@@ -447,51 +456,13 @@ impl TapsOp {
         let bias = pc.bias.as_deref();
         let plane = g.ho * g.wo;
         if kw == 1 && pc.kh == 1 && g.p == 0 && plane.is_multiple_of(pad) {
-            // 1×1: image i is columns i·plane.. of every canvas row, its output exactly the
-            // GEMM's result, so each image multiplies straight into its place in the output
-            // (no crop; the tiles need whole 32-column blocks, hence `pad` dividing `plane`).
-            // SAFETY: each chunk is one output plane, filled whole with its bias (or zero).
-            let mut out = unsafe {
-                super::par_written(g.n * cout * plane, plane, |ic, d| {
-                    d.fill(std::mem::MaybeUninit::new(
-                        bias.map_or(0.0, |b| b[ic % cout]),
-                    ));
-                })
-            };
-            let dims = Dims {
-                m: cout,
-                n: plane,
-                k: rows,
-                lda: rows,
-                ldb: g.cs,
-                ldc: plane,
-            };
-            for i in 0..g.n {
-                // SAFETY: B rows 0..rows × columns i·plane..(i+1)·plane lie inside the canvas
-                // (rows × cs, cs ≥ n·plane); A is cout × rows; C is image i's cout × plane.
-                unsafe {
-                    mm(
-                        dims,
-                        &[(0, i * plane)],
-                        w,
-                        &b,
-                        out.as_mut_ptr().add(i * cout * plane),
-                    )
-                };
-            }
-            if !adds.is_empty() {
-                out.par_chunks_mut(plane.max(1))
-                    .enumerate()
-                    .for_each(|(ic, d)| adds.apply(ic / cout, ic % cout, cout, plane, 0, d));
-            }
-            return out;
+            // Image i is columns i·plane.. of every canvas row (the pairing is the one copy).
+            // SAFETY: B rows 0..rows × columns i·plane..(i+1)·plane lie inside the canvas
+            // (rows × cs, cs ≥ n·plane); A is cout × rows; `pad` divides `plane`.
+            let dims = (g.n, cout, plane, rows);
+            return unsafe { per_image(dims, (&b, g.cs, plane), w, mm, bias, adds) };
         }
-        // SAFETY: each row is filled whole, with its bias or zero.
-        let mut acc = unsafe {
-            super::par_written(cout * ldc, ldc, |r, row| {
-                row.fill(std::mem::MaybeUninit::new(bias.map_or(0.0, |b| b[r])));
-            })
-        };
+        let mut acc = bias_rows(cout, ldc, cout, bias);
         let parts: Vec<(usize, usize)> = (0..pc.kh * kw)
             .map(|t| (t * cout * rows, (t / kw) * g.wp + t % kw))
             .collect();
@@ -629,7 +600,20 @@ impl CustomOp1 for TapsOp {
             return Ok((CpuStorage::F32(out), Shape::from((n, pc.cout, ho, wo))));
         }
         if let (1, 1, 0, TapWeights::F32(w)) = (kh, kw, p, &pc.w) {
-            let out = pointwise(x, (n, cin, h * wd), w, pc.cout, pc.bias.as_deref(), adds);
+            // f32 reads each image's input as it lies: no canvas either.
+            let plane = h * wd;
+            let dims = (n, pc.cout, plane, cin);
+            // SAFETY: image i's input is cin rows of plane from x[i·cin·plane..]; w is cout × cin.
+            let out = unsafe {
+                per_image(
+                    dims,
+                    (x, plane, cin * plane),
+                    w,
+                    tiled::gemm_f32,
+                    pc.bias.as_deref(),
+                    adds,
+                )
+            };
             return Ok((CpuStorage::F32(out), Shape::from((n, pc.cout, ho, wo))));
         }
         let plane = h * wd;
