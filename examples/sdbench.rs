@@ -2,7 +2,8 @@
 //! process so the peak RSS (VmHWM) is per measurement. Used by `scripts/bench_compare.py`.
 //!
 //! `sdbench MODE MODEL_DIR [--size N] [--batch N] [--iters N] [--dtype f32|bf16]`, MODE one
-//! of `unet`, `vae`, `text`, `e2e` (load + encode + one UNet step + decode). Prints one JSON line.
+//! of `unet` (batch latents and contexts), `step` (one latent, batch contexts: a guided step), `vae`,
+//! `text`, `e2e` (load + encode + one UNet step + decode). Prints one JSON line.
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use easel::pipeline::{GenerationRequest, Pipeline};
@@ -62,12 +63,24 @@ fn main() -> Result<()> {
         prefer_fp16: false,
     }
     .resolve()?;
-    let p = if mode == "e2e" && iters == 1 {
-        // One image, as the CLI makes it: each model is loaded when needed, freed when done.
-        Pipeline::load_for_one_image(&files, &dev, dtype)?
-    } else {
+    let p = if mode == "e2e" && iters > 1 {
         Pipeline::load(&files, &dev, dtype)?
+    } else {
+        // One image, as the CLI makes it: each model is loaded when needed, freed when done.
+        // The single-model modes use the same deferred loading so that only the model they
+        // time is resident (its peak RSS is that model's, as diffusers' side loads only it).
+        Pipeline::load_for_one_image(&files, &dev, dtype)?
     };
+    if matches!(mode, "unet" | "step" | "vae") {
+        // Encoding once frees the text encoder (a one-image pipeline), before anything is
+        // timed; then load the model to time.
+        p.encode_prompt("", "", 1.0, &mut |_| {})?;
+        if mode == "vae" {
+            p.decode(&Tensor::zeros((1, 4, 8, 8), p.compute_dtype(), &dev)?)?;
+        } else {
+            p.unet()?;
+        }
+    }
     let load_s = t0.elapsed().as_secs_f64();
     let lat = size / 8;
     let latents =
@@ -87,6 +100,16 @@ fn main() -> Result<()> {
             p.unet()?.forward(&latents, 500.0, &ctx)?;
             Ok(())
         })?,
+        // The UNet call of a guided step as the pipeline makes it: one latent, `batch`
+        // contexts (diffusers repeats the latent; easel runs its layers before the first
+        // cross-attention once).
+        "step" => {
+            let one = latents.narrow(0, 0, 1)?;
+            run(&mut || {
+                p.unet()?.forward(&one, 500.0, &ctx)?;
+                Ok(())
+            })?
+        }
         "vae" => {
             let one = latents.narrow(0, 0, 1)?;
             run(&mut || {
@@ -94,15 +117,17 @@ fn main() -> Result<()> {
                 Ok(())
             })?
         }
-        "text" => run(&mut || {
-            p.encode_prompt(
-                "a photograph of an astronaut riding a horse",
-                "",
-                7.5,
-                &mut |_| {},
-            )?;
-            Ok(())
-        })?,
+        // The pipeline's encoding (tokenize, both prompts in one batch) without its
+        // one-image release of the encoder, so that it can run `iters` times.
+        "text" => {
+            let tok = p.tokenizer();
+            run(&mut || {
+                let pos = tok.encode("a photograph of an astronaut riding a horse")?;
+                let neg = tok.encode("")?;
+                p.text_encoder()?.encode(&[&neg, &pos], &dev)?;
+                Ok(())
+            })?
+        }
         // What the CLI does for one image: encode, one UNet step (batch 2), decode, through
         // the public `generate` (which frees each model once used when iters = 1).
         "e2e" => run(&mut || {

@@ -5,6 +5,10 @@ easel/diffusers ratios. Every measurement runs in its own process so peak RSS is
 
     python scripts/bench_compare.py /work/fullsize [--threads 2] [--iters 3] [--rounds 2] [--size 512] [--only unet,vae]
 
+Rows (`--only`): unet, unet-bf16 (one UNet forward, batch 2), step, step-bf16 (the UNet call of a
+guided step: one latent and two prompts; diffusers repeats the latent, easel shares the layers
+before the first cross-attention), vae, vae-bf16, text, e2e, e2e-bf16.
+
 With `--rounds R` each case runs R times on each side, alternating easel and diffusers (and
 which goes first), and keeps each side's fastest iteration: on shared VMs the matrix units' rate
 swings ~3x within seconds (`EASEL_AMXBENCH_PEAK=1 cargo run --release --example amxbench`), and
@@ -26,7 +30,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 g = torch.Generator().manual_seed(0)
 lat = size // 8
 t0 = time.perf_counter()
-need = {"unet": ["unet"], "vae": ["vae"], "text": ["text"], "e2e": ["unet", "vae", "text"]}[mode]
+need = {"unet": ["unet"], "step": ["unet"], "vae": ["vae"], "text": ["text"], "e2e": ["unet", "vae", "text"]}[mode]
 unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dt).eval() if "unet" in need else None
 vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dt).eval() if "vae" in need else None
 te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dt).eval() if "text" in need else None
@@ -43,6 +47,10 @@ with torch.inference_mode():
         t = time.perf_counter()
         if mode == "unet":
             unet(latents, 500, encoder_hidden_states=ctx)
+        elif mode == "step":
+            # StableDiffusionPipeline's guided step: the latent repeated once per prompt.
+            x = latents[:1]
+            unet(torch.cat([x] * batch), 500, encoder_hidden_states=ctx)
         elif mode == "vae":
             vae.decode(latents[:1] / vae.config.scaling_factor)
         elif mode == "text":
@@ -112,7 +120,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=1,
                     help="runs per side, alternating easel and diffusers; the fastest counts")
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--only", default="unet,unet-bf16,vae,vae-bf16,text,e2e,e2e-bf16")
+    ap.add_argument("--only", default="unet,unet-bf16,step,step-bf16,vae,vae-bf16,text,e2e,e2e-bf16")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--baseline-exe", help="an sdbench built from an older easel, timed as 'before'")
     args = ap.parse_args()
@@ -122,6 +130,7 @@ def main():
     exe = os.path.join(target, "release", "examples", "sdbench")
     cases = {
         "unet": ("unet", 2, "f32", args.iters), "unet-bf16": ("unet", 2, "bf16", args.iters),
+        "step": ("step", 2, "f32", args.iters), "step-bf16": ("step", 2, "bf16", args.iters),
         "vae": ("vae", 1, "f32", args.iters), "vae-bf16": ("vae", 1, "bf16", args.iters), "text": ("text", 2, "f32", max(args.iters, 5)),
         "e2e": ("e2e", 1, "f32", 1), "e2e-bf16": ("e2e", 1, "bf16", 1),
     }
@@ -183,6 +192,8 @@ def main():
             def ratio(x):
                 return f"{x['min_s']/d['min_s']:.2f}x" if x and d else "n/a"
             label = {"unet": "UNet forward f32, batch 2", "unet-bf16": "UNet forward bf16, batch 2",
+                     "step": "UNet call of a guided step f32 (1 latent, 2 prompts)",
+                     "step-bf16": "UNet call of a guided step bf16 (1 latent, 2 prompts)",
                      "vae": "VAE decode f32", "vae-bf16": "VAE decode bf16", "text": "text encoder f32, 2x77"}[name]
             line = f"| {label} | {fmt_s(e)} | {fmt_s(d)} | {ratio(e)} |"
             if b:

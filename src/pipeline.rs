@@ -466,6 +466,11 @@ impl Pipeline {
         self.unet.get()
     }
 
+    /// The text encoder (for benchmarks and tests), loaded; an error once it was released.
+    pub fn text_encoder(&self) -> Result<ModelRef<'_, ClipTextModel>> {
+        self.text_encoder.get()
+    }
+
     /// Checks a request before any work is done, so bad input fails in milliseconds.
     pub fn validate(&self, req: &GenerationRequest) -> Result<()> {
         let f = self.vae_scale_factor().max(8);
@@ -588,12 +593,10 @@ impl Pipeline {
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
             check_cancel(cancel)?;
-            let input = if cfg {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let input = scheduler.scale_model_input(&input, t)?;
+            // With guidance the UNet pairs the one latent with both contexts itself (as
+            // diffusers' `cat([latents] * 2)` does), running the layers before the first
+            // cross-attention once instead of twice.
+            let input = scheduler.scale_model_input(&latents, t)?;
             let out = unet.forward(&input, t, embeddings)?;
             let out = if cfg {
                 let uncond = out.narrow(0, 0, 1)?;

@@ -98,6 +98,42 @@ fn unet_forward_matches() {
     }
 }
 
+/// A guided step hands the UNet one latent and two contexts; it must give what the
+/// latent repeated once per context gives (the layers before the first cross-attention
+/// run once; only summation orders that follow the batch size may differ), and refuse
+/// contexts that do not pair up with the latents.
+#[test]
+fn unet_shares_the_latents_layers_across_contexts() {
+    for name in MODELS {
+        let p = load_pipeline(name);
+        let r = Reference::load(name);
+        let unet = p.unet().unwrap();
+        let ctx = r.get("unet.encoder_hidden_states");
+        assert_eq!(ctx.dim(0).unwrap(), 2);
+        let x = r.get("unet.sample").narrow(0, 0, 1).unwrap();
+        let shared = unet.forward(&x, 500.0, ctx).unwrap();
+        let repeated = unet
+            .forward(&Tensor::cat(&[&x, &x], 0).unwrap(), 500.0, ctx)
+            .unwrap();
+        assert_eq!(shared.dims(), repeated.dims());
+        let (err, scale) = max_abs_err(&shared, &repeated);
+        println!("{name}: shared vs repeated latents max abs err {err:.2e} (max |x| {scale:.2})");
+        assert!(
+            err <= 1e-5 * scale,
+            "{name}: shared prefix differs by {err}"
+        );
+        // The two rows differ (two contexts), so the comparison above is not of copies.
+        let (rows, _) = max_abs_err(&shared.get(0).unwrap(), &shared.get(1).unwrap());
+        assert!(rows > 1e-3, "{name}: both contexts gave the same output");
+        let three = Tensor::cat(&[ctx, &ctx.narrow(0, 0, 1).unwrap()], 0).unwrap();
+        let err = unet
+            .forward(&Tensor::cat(&[&x, &x], 0).unwrap(), 500.0, &three)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("3 contexts for 2 latents"), "{err}");
+    }
+}
+
 #[test]
 fn vae_decode_matches() {
     for name in MODELS {

@@ -329,6 +329,13 @@ impl BasicTransformerBlock {
         let xs = self
             .attn1
             .forward_add(&ln(&self.norm1, xs)?, None, Some(xs))?;
+        // A context with more rows than the latents (a guided step: one latent, the negative
+        // and the positive prompt) is where the two stop being the same: everything up to
+        // here ran once per latent, the rest runs once per context.
+        let xs = match context {
+            Some(c) => super::repeat_batch(&xs, c.dim(0)?)?,
+            None => xs,
+        };
         let xs = self
             .attn2
             .forward_add(&ln(&self.norm2, &xs)?, context, Some(&xs))?;
@@ -462,6 +469,9 @@ impl SpatialTransformer {
         for block in self.transformer_blocks.iter() {
             xs = block.forward(&xs, context)?
         }
+        // The blocks may have widened the batch to the context's (see BasicTransformerBlock).
+        let batch = xs.dim(0)?;
+        let residual = &super::repeat_batch(residual, batch)?;
         let to_nchw = |xs: &Tensor| -> Result<Tensor> {
             let c = xs.dim(2)?;
             crate::kernels::transpose_batched(xs)?.reshape((batch, c, height, weight))

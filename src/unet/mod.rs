@@ -15,3 +15,19 @@ pub mod unet_2d_blocks;
 pub mod vae;
 
 pub use unet_2d::{BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig};
+
+use candle_core::{Result, Tensor};
+
+/// `x` repeated along the batch to `batch` rows, as `torch.cat([x] * (batch / n))`: the
+/// latents of a guided step meet their contexts in that order (see
+/// [`UNet2DConditionModel::forward`]). `x` itself when it already has `batch` rows.
+pub(crate) fn repeat_batch(x: &Tensor, batch: usize) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    if n == batch {
+        return Ok(x.clone());
+    }
+    if n == 0 || !batch.is_multiple_of(n) {
+        candle_core::bail!("cannot repeat a batch of {n} to {batch}");
+    }
+    Tensor::cat(&vec![x; batch / n], 0)
+}

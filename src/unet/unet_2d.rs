@@ -293,6 +293,13 @@ impl UNet2DConditionModel {
         })
     }
 
+    /// The noise prediction for latents `xs` (n, c, h, w) at `timestep`, conditioned on
+    /// `encoder_hidden_states` (g·n, seq, dim). With g > 1 each latent is paired with g
+    /// contexts, exactly as `forward(cat([xs] * g), …)` would pair them (a guided step: one
+    /// latent, the negative and the positive prompt), and the output has g·n rows. The
+    /// layers before the first cross-attention see only the latents, so they run on n rows
+    /// instead of g·n: in SD 1.x the first ResNet block and self-attention at 64×64, ~2% of
+    /// a guided step.
     pub fn forward(
         &self,
         xs: &Tensor,
@@ -311,6 +318,12 @@ impl UNet2DConditionModel {
         mid_block_additional_residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (bsize, _channels, height, width) = xs.dims4()?;
+        let full = encoder_hidden_states.dim(0)?;
+        if bsize == 0 || !full.is_multiple_of(bsize) {
+            candle_core::bail!(
+                "UNet: {full} contexts for {bsize} latents (expected a multiple of the latents)"
+            );
+        }
         let device = xs.device();
         let n_blocks = self.config.blocks.len();
         let num_upsamplers = n_blocks - 1;
@@ -323,8 +336,9 @@ impl UNet2DConditionModel {
         } else {
             xs.clone()
         };
-        // 1. time
-        let emb = (Tensor::ones(bsize, xs.dtype(), device)? * timestep)?;
+        // 1. time: one timestep for the whole batch, so one row serves every image (the
+        // ResNet blocks broadcast it).
+        let emb = (Tensor::ones(1, xs.dtype(), device)? * timestep)?;
         let emb = self.time_proj.forward(&emb)?;
         let emb = self.time_embedding.forward(&emb)?;
         // 2. pre-process
@@ -343,7 +357,13 @@ impl UNet2DConditionModel {
             xs = _xs;
         }
 
-        let new_down_block_res_xs =
+        // From here on every row has its own context: the skips taken before the first
+        // cross-attention (and the latents, if no down block has one) are repeated to match.
+        let down_block_res_xs = down_block_res_xs
+            .iter()
+            .map(|r| super::repeat_batch(r, full))
+            .collect::<Result<Vec<_>>>()?;
+        let mut down_block_res_xs =
             if let Some(down_block_additional_residuals) = down_block_additional_residuals {
                 let mut v = vec![];
                 // A previous version of this code had a bug because of the addition being made
@@ -355,7 +375,7 @@ impl UNet2DConditionModel {
             } else {
                 down_block_res_xs
             };
-        let mut down_block_res_xs = new_down_block_res_xs;
+        let xs = super::repeat_batch(&xs, full)?;
 
         // 4. mid
         let xs = self
