@@ -104,22 +104,29 @@ pub fn scaled_sum(
     }
 }
 
-/// Keeps glibc from returning every large freed tensor to the kernel: by default each
-/// activation above the (dynamic) mmap threshold is a fresh mapping whose pages are zeroed
-/// on first touch (measured: ~13% of a 512² UNet forward in `clear_page`). Process-wide; called
-/// once when a pipeline is loaded on the CPU.
+/// Keeps the allocator from returning every large freed tensor to the kernel, whose pages are
+/// then zeroed again on first touch. glibc: by default each activation above the (dynamic)
+/// mmap threshold is a fresh mapping (measured: ~13% of a 512² UNet forward in `clear_page`).
+/// mimalloc (the binary's allocator): it hands free memory back 1 s after it was freed, but
+/// the up path reuses the down path's activation sizes several seconds later (`clear_page`
+/// 2.75% → 0.18% of an f32 UNet forward with the delay raised). Models are still handed back
+/// at once when released ([`return_freed_memory`]). Process-wide; called once when a pipeline
+/// is loaded on the CPU; each setting is harmless where the other allocator is in use.
 pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            // SAFETY: mallopt only changes allocator tunables.
-            unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-            }
-        });
-    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt only changes allocator tunables.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        }
+        // mimalloc's `mi_option_purge_delay` (15 in mimalloc.h's `mi_option_e`; the -sys
+        // crate does not name it), in milliseconds.
+        const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+        // SAFETY: sets one of mimalloc's tunables.
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 60_000) };
+    });
 }
 
 /// A buffer of `n` values built chunk by chunk across the rayon pool: chunk `i` (`chunk`
@@ -204,10 +211,12 @@ fn advise_huge(addr: usize, bytes: usize) {
 
 /// Hands memory that was freed back to the kernel (glibc keeps freed heap pages of every arena
 /// otherwise: a released 1.7 GB bf16 UNet stayed resident through the VAE decode, which then
-/// peaked on top of it). A no-op elsewhere. The `easel` binary allocates with mimalloc, which
-/// returns freed segments on its own; this serves library users on glibc's allocator.
+/// peaked on top of it); mimalloc (the `easel` binary's allocator) is told to purge now rather
+/// than after the long delay [`tune_allocator`] gives it.
 pub fn return_freed_memory() {
     winograd::release_scratch();
+    // SAFETY: mimalloc frees its unused memory now, whatever its purge delay.
+    unsafe { libmimalloc_sys::mi_collect(true) };
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free pages.
     unsafe {
