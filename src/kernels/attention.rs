@@ -196,8 +196,10 @@ impl Sdpa {
         let mut out = super::par_zeroed::<f32>(b * lq * dv);
         let dst = SendPtr(out.as_mut_ptr());
         (0..b * nblk).into_par_iter().for_each_init(
-            || vec![0f32; qb * ld],
+            // Written (rows × lk) by the score product before anything reads it.
+            || super::Scratch::take(qb * ld),
             |scores, task| {
+                let scores = scores.f32();
                 let (bi, blk) = (task / nblk, task % nblk);
                 let r0 = blk * qb;
                 let rows = qb.min(lq - r0);
@@ -309,15 +311,19 @@ impl Sdpa {
         let dst = SendPtr(out.as_mut_ptr());
         let scale = self.scale;
         (0..b * nq).into_par_iter().for_each_init(
+            // Each written whole before it is read: the Q pairs row by row (zeros past the
+            // last query), the scores and the output by overwriting tile products, the
+            // weights by the softmax.
             || {
                 (
-                    vec![0u32; W * dp],
-                    vec![0f32; nb * W * W],
-                    vec![0u32; nb * W * W / 2],
-                    vec![0f32; W * dvp],
+                    super::Scratch::take(W * dp),
+                    super::Scratch::take(nb * W * W),
+                    super::Scratch::take(nb * W * W / 2),
+                    super::Scratch::take(W * dvp),
                 )
             },
             |(qp, scores, pp, o), task| {
+                let (scores, o) = (scores.f32(), o.f32());
                 let (bi, qi) = (task / nq, task % nq);
                 let r0 = qi * W;
                 let rows = W.min(lq - r0);
@@ -607,6 +613,28 @@ mod tests {
             if shape.2 > 1 {
                 assert!(err > 1e-5, "{shape:?}: {err} (f32 path?)");
             }
+        }
+        Ok(())
+    }
+
+    /// The per-thread buffers are reused without zeroing: with every pool thread's buffers
+    /// full of NaN first, any element read before it is written would show in the output.
+    #[test]
+    fn reused_buffers_are_written_before_read() -> Result<()> {
+        rayon::broadcast(|_| {
+            let mut held: Vec<_> = (0..8)
+                .map(|_| crate::kernels::Scratch::take(1 << 20))
+                .collect();
+            for s in held.iter_mut() {
+                s.f32().fill(f32::NAN);
+            }
+        });
+        let shapes = [(2, 70, 50, 40, 40), (1, 33, 300, 17, 9)];
+        for (shape, err) in errors(&shapes, attention)? {
+            assert!(err < 1e-5, "{shape:?}: {err}");
+        }
+        for (shape, err) in errors(&shapes, attention_bf16)? {
+            assert!(err < 3e-2, "{shape:?}: {err}");
         }
         Ok(())
     }

@@ -181,6 +181,76 @@ pub(crate) unsafe fn assume_written<T>(c: &mut [std::mem::MaybeUninit<T>]) -> &m
     unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
 }
 
+/// A per-thread work buffer of 4-byte values (u32 bf16 pairs or f32, see [`Scratch::f32`]),
+/// taken from this thread's pool and given back to it when dropped. Its contents are whatever
+/// the last user left (zeros when new), so it serves kernels that write every element before
+/// reading it. The attention's per-task buffers (~0.8 MB at 64²) were allocated and zeroed
+/// afresh for each of rayon's ~20 splits of every call: ~600 times a UNet forward.
+pub(crate) struct Scratch {
+    buf: Vec<u32>,
+    n: usize,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<Vec<u32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Scratch {
+    /// Buffers up to this many values go back to the pool (per thread, at most `KEEP`).
+    const MAX_KEPT: usize = 4 << 20;
+    const KEEP: usize = 8;
+
+    /// `n` values.
+    pub(crate) fn take(n: usize) -> Self {
+        let found = SCRATCH.with(|p| {
+            let mut p = p.borrow_mut();
+            let i = p.iter().position(|v| v.len() >= n)?;
+            Some(p.swap_remove(i))
+        });
+        let buf = match found {
+            Some(v) => v,
+            None => vec![0; n],
+        };
+        Self { buf, n }
+    }
+
+    /// The buffer as f32 values.
+    pub(crate) fn f32(&mut self) -> &mut [f32] {
+        let v = &mut self.buf[..self.n];
+        // SAFETY: u32 and f32 have the same size and alignment, and every bit pattern is an
+        // f32 (a NaN at worst): the reinterpretation cannot make an invalid value.
+        unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut f32, v.len()) }
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.buf[..self.n]
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [u32] {
+        &mut self.buf[..self.n]
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.buf);
+        if v.len() <= Self::MAX_KEPT {
+            // `try_with`: a buffer dropped while its thread exits is simply freed.
+            let _ = SCRATCH.try_with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < Self::KEEP {
+                    p.push(v);
+                }
+            });
+        }
+    }
+}
+
 /// A zeroed buffer of `n` values for an output whose every element a kernel writes later, in
 /// its own partition: zeroed across the pool ([`par_filled`] with nothing to fill), not by a
 /// single-threaded `vec![0; n]` memset with the other core idle.
@@ -278,7 +348,18 @@ pub(crate) fn max_abs_diff(
     b: &candle_core::Tensor,
 ) -> candle_core::Result<f32> {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    let d = (a - b)?
+        .abs()?
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?;
+    // A NaN anywhere is an infinite error (a plain max may skip it).
+    Ok(d.to_vec1::<f32>()?.into_iter().fold(0f32, |m, x| {
+        if x.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(x)
+        }
+    }))
 }
 
 #[cfg(test)]
