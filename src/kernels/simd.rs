@@ -81,8 +81,8 @@ pub fn exp_row(row: &mut [f32], scale: f32) -> f32 {
 
 /// `2^t` of 16 lanes: `t = n + f`, `|f| ≤ ½`, `2^f` by its Taylor polynomial of `DEGREE` (≤ 6;
 /// relative error 2.5·10⁻⁶ at 5, 1.2·10⁻⁷ at 6) and `vscalefps` for the `2ⁿ` (underflowing to 0
-/// far below 1). Shared by the f32 softmax rows (degree 6) and the AMX attention's (degree 5,
-/// whose weights are rounded to bf16 anyway).
+/// far below 1). The f32 softmax rows use degree 6 (the AMX attention, whose weights are
+/// rounded to bf16, has a cheaper cubic of its own).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
