@@ -3,7 +3,7 @@
 //! per-thread buffer, are soft-maxed in place and multiplied by V with `gemm`. Blocks are spread
 //! over the rayon pool, so at 512² (4096 tokens) the extra memory is a few MB instead of
 //! 16 × 4096 × 4096 floats.
-use super::simd::{exp_row, pair_adjacent, softmax_row};
+use super::simd::{pair_adjacent, softmax_row};
 #[cfg(target_arch = "x86_64")]
 use super::tiled::x86::F32Fma;
 use super::tiled::{self, Dims};
@@ -166,9 +166,16 @@ impl Sdpa {
         ((bi / h) * len + r) * h * w + (bi % h) * w
     }
 
-    /// The AVX-512 path: both products run on [`tiled`]'s f32 tile, reading `Kᵀ` and `V` in
-    /// place. gemm packed the whole of K and V again for every block of 32 queries (with a head
-    /// dimension of 40 that packing outweighed the arithmetic: 67 GFLOP/s at 16×4096²×40).
+    /// The AVX-512 path: both products on [`tiled`]'s f32 tile, transposed so that the
+    /// queries run along the vector lanes: `Sᵀ = K·Qᵀ` (keys × queries), a softmax down each
+    /// column, `Oᵀ = Vᵀ·Sᵀ` (head dims × queries). The earlier row-major form (`S = Q·Kᵀ`,
+    /// `O = S·V`) read `Kᵀ` 16 KiB a row apart at every step of the score product and filled
+    /// only 40 of its tile's 48 lanes in `S·V`; at 16×4096²×40 its products ran at ~55% of
+    /// the FMA rate. Here `Qᵀ` (40 × 48) sits in L1, K is read in place row after row, `Sᵀ`
+    /// and `Vᵀ` stream, every lane is a query, and the softmax's max and sum are vertical
+    /// (no reduction across lanes). (gemm, before either, packed the whole of K and V again
+    /// for every block of queries: 67 GFLOP/s at 16×4096²×40.)
+    #[cfg(target_arch = "x86_64")]
     fn tiled(
         &self,
         q: &[f32],
@@ -177,83 +184,94 @@ impl Sdpa {
         (b, lq, lk, d, dv): (usize, usize, usize, usize, usize),
     ) -> Vec<f32> {
         let (h, row) = (self.heads, |bi, len, r, w| self.row(bi, len, r, w));
-        // Rows of Kᵀ and of the score block are `ld` apart, not `lk`: with 4096 keys the tiles
-        // stepped 16 KiB between rows, so every row they touched fell in the same L1 set.
+        // Rows of Vᵀ are `ld` apart, not `lk`: 4096 keys would put the 8 rows a tile reads at
+        // each step in one L1 set.
         let ld = padded(lk);
-        // Kᵀ per batch·head, built once: the score tile reads 48 keys of one dimension at a time.
-        // Each head's block zeroed by the task that fills it, in cache (`vec![0; n]` was a
-        // single-threaded memset of 10 MB at 64², the other core idle).
-        let kt = super::par_filled(b * d * ld, d * ld, |bi, dst: &mut [f32]| {
+        // Vᵀ per batch·head, built once; each head's block zeroed (its padding) in cache.
+        let vt = super::par_filled(b * dv * ld, dv * ld, |bi, dst: &mut [f32]| {
             for j in 0..lk {
-                for (c, &x) in k[row(bi, lk, j, d)..][..d].iter().enumerate() {
+                for (c, &x) in v[row(bi, lk, j, dv)..][..dv].iter().enumerate() {
                     dst[c * ld + j] = x;
                 }
             }
         });
-        // Query rows per task: the score block (≤ 1 MiB) stays in L2.
-        let qb = ((1 << 20) / (lk.max(1) * 4)).clamp(8, 256) / 8 * 8;
+        // Queries per task, in whole tiles of 48 lanes: the Sᵀ block (≤ 1 MiB) stays in L2.
+        let w = tiled::NR;
+        let qb = ((1 << 20) / (lk.max(1) * 4) / w * w).clamp(w, 10 * w);
         let nblk = lq.div_ceil(qb);
         let mut out = super::par_zeroed::<f32>(b * lq * dv);
         let dst = SendPtr(out.as_mut_ptr());
         (0..b * nblk).into_par_iter().for_each_init(
-            // Written (rows × lk) by the score product before anything reads it.
-            || super::Scratch::take(qb * ld),
-            |scores, task| {
-                let scores = scores.f32();
+            // Each written before it is read: Qᵀ's live columns, Sᵀ and Oᵀ by overwriting
+            // products (columns past the block's queries are neither written nor read).
+            || {
+                (
+                    super::Scratch::take(d * qb),
+                    super::Scratch::take(lk * qb),
+                    super::Scratch::take(dv * qb),
+                    vec![0f32; qb],
+                )
+            },
+            |(qt, st, ot, sums), task| {
+                let (qt, st, ot) = (qt.f32(), st.f32(), ot.f32());
                 let (bi, blk) = (task / nblk, task % nblk);
                 let r0 = blk * qb;
                 let rows = qb.min(lq - r0);
-                let dst = &dst;
+                for r in 0..rows {
+                    for (c, &x) in q[row(bi, lq, r0 + r, d)..][..d].iter().enumerate() {
+                        qt[c * qb + r] = x;
+                    }
+                }
                 let s_dims = Dims {
-                    m: rows,
-                    n: lk,
+                    m: lk,
+                    n: rows,
                     k: d,
                     lda: h * d,
-                    ldb: ld,
-                    ldc: ld,
+                    ldb: qb,
+                    ldc: qb,
                 };
                 let o_dims = Dims {
-                    m: rows,
-                    n: dv,
+                    m: dv,
+                    n: rows,
                     k: lk,
                     lda: ld,
-                    ldb: h * dv,
-                    ldc: h * dv,
+                    ldb: qb,
+                    ldc: qb,
                 };
-                // SAFETY: Q rows r0..r0+rows of head bi, Kᵀ (d × lk) and V (lk × dv) of head
-                // bi, the score buffer (≥ rows × lk) and this task's own rows of `out`.
+                // SAFETY: K rows 0..lk of head bi (h·d apart), Qᵀ d × rows (qb apart), Sᵀ lk ×
+                // rows, Vᵀ dv × lk of head bi, Oᵀ dv × rows: all inside their buffers; the
+                // output rows r0..r0+rows of head bi are this task's alone. AVX-512F runs
+                // (`tiled::f32_native`).
                 unsafe {
-                    let qp = q.as_ptr().add(row(bi, lq, r0, d));
-                    let ktp = kt.as_ptr().add(bi * d * ld);
+                    let kp = k.as_ptr().add(row(bi, lk, 0, d));
                     tiled::gemm_on::<F32Fma>(
                         s_dims,
                         &[(0, 0)],
-                        qp,
-                        ktp,
-                        scores.as_mut_ptr(),
+                        kp,
+                        qt.as_ptr(),
+                        st.as_mut_ptr(),
                         false,
                         true,
                     );
-                    let sums: Vec<f32> = scores[..rows * ld]
-                        .chunks_exact_mut(ld)
-                        .map(|row| exp_row(&mut row[..lk], self.scale))
-                        .collect();
-                    let vp = v.as_ptr().add(row(bi, lk, 0, dv));
-                    let op = dst.0.add(row(bi, lq, r0, dv));
+                    x86::softmax_cols(st, lk, qb, rows, self.scale, sums);
                     tiled::gemm_on::<F32Fma>(
                         o_dims,
                         &[(0, 0)],
-                        scores.as_ptr(),
-                        vp,
-                        op,
+                        vt.as_ptr().add(bi * dv * ld),
+                        st.as_ptr(),
+                        ot.as_mut_ptr(),
                         false,
                         true,
                     );
-                    // The softmax's division, on the output rows.
-                    for (r, s) in sums.into_iter().enumerate() {
-                        let o = std::slice::from_raw_parts_mut(op.add(r * h * dv), dv);
+                    // Oᵀ back to rows, with the softmax's division.
+                    let dst = &dst;
+                    for (r, &s) in sums[..rows].iter().enumerate() {
+                        let o =
+                            std::slice::from_raw_parts_mut(dst.0.add(row(bi, lq, r0 + r, dv)), dv);
                         let inv = 1.0 / s;
-                        o.iter_mut().for_each(|x| *x *= inv);
+                        for (c, x) in o.iter_mut().enumerate() {
+                            *x = ot[c * qb + r] * inv;
+                        }
                     }
                 }
             },
@@ -405,6 +423,70 @@ mod x86 {
         _mm512_maskz_scalef_ps(keep, p, n)
     }
 
+    /// The f32 path's softmax down the columns of `Sᵀ` (`lk` rows of keys, `ld` apart; column
+    /// `r` < `n` is query r): each column becomes `exp(scale·s − scale·max)`, its sum goes to
+    /// `sums[r]` (the division is left to the output). The same arithmetic as
+    /// [`super::super::simd::exp_row`] per element (degree-6 `exp2`, the max subtracted first),
+    /// but every lane is its own query, so the max and the sum need no reduction across lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `s` holds `lk` rows of `ld ≥ n` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn softmax_cols(
+        s: &mut [f32],
+        lk: usize,
+        ld: usize,
+        n: usize,
+        scale: f32,
+        sums: &mut [f32],
+    ) {
+        assert!(n <= ld && (lk == 0 || s.len() >= (lk - 1) * ld + n) && sums.len() >= n);
+        let p = s.as_mut_ptr();
+        let c = _mm512_set1_ps(scale * std::f32::consts::LOG2_E);
+        for v0 in (0..n).step_by(16 * 8) {
+            // Up to 8 vectors of 16 queries at a time: their maxima and sums in registers.
+            let nv = (n - v0).div_ceil(16).min(8);
+            let mask = |i: usize| -> __mmask16 {
+                let live = (n - v0 - 16 * i).min(16);
+                if live == 16 {
+                    0xFFFF
+                } else {
+                    ((1u32 << live) - 1) as __mmask16
+                }
+            };
+            let masks: [__mmask16; 8] = std::array::from_fn(|i| if i < nv { mask(i) } else { 0 });
+            let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 8];
+            for j in 0..lk {
+                let rp = p.add(j * ld + v0);
+                for i in 0..nv {
+                    let x = _mm512_maskz_loadu_ps(masks[i], rp.add(16 * i));
+                    mx[i] = _mm512_max_ps(mx[i], x);
+                }
+            }
+            let mut acc = [_mm512_setzero_ps(); 8];
+            for j in 0..lk {
+                let rp = p.add(j * ld + v0);
+                for i in 0..nv {
+                    let x = _mm512_maskz_loadu_ps(masks[i], rp.add(16 * i));
+                    // Far below the max the weight is 0 (and −∞ logits stay NaN-free).
+                    let t = _mm512_max_ps(
+                        _mm512_mul_ps(_mm512_sub_ps(x, mx[i]), c),
+                        _mm512_set1_ps(-150.0),
+                    );
+                    let e = super::super::simd::exp2_avx512::<6>(t);
+                    _mm512_mask_storeu_ps(rp.add(16 * i), masks[i], e);
+                    acc[i] = _mm512_mask_add_ps(acc[i], masks[i], acc[i], e);
+                }
+            }
+            for i in 0..nv {
+                let mut lanes = [0f32; 16];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i]);
+                let live = (n - v0 - 16 * i).min(16);
+                sums[v0 + 16 * i..][..live].copy_from_slice(&lanes[..live]);
+            }
+        }
+    }
+
     /// Softmax weights of a 32-row block of scores stored as panels of 32 keys (`scores[j]` =
     /// 32 rows × 32 f32 for keys 32j..): `pp[j]` = 32 rows × 16 bf16 pairs of
     /// `exp(scale·s − scale·max_row)`, keys ≥ `lk` weighing 0; `sums[r]` the f32 row sums (the
@@ -512,6 +594,7 @@ impl CustomOp3 for Sdpa {
             let out = self.amx(q, k, v, (b * h, lq, lk, d / h, dv / h));
             return Ok((CpuStorage::F32(out), Shape::from((b, lq, dv))));
         }
+        #[cfg(target_arch = "x86_64")]
         if tiled::f32_native() {
             let out = self.tiled(q, k, v, (b * h, lq, lk, d / h, dv / h));
             return Ok((CpuStorage::F32(out), Shape::from((b, lq, dv))));

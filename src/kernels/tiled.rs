@@ -23,7 +23,8 @@ pub struct Dims {
 /// Micro-tile: 8 rows × 48 columns = 24 zmm accumulators, 3 for `B`, 1 broadcast.
 pub const MR: usize = 8;
 const NV: usize = 3;
-const NR: usize = 16 * NV;
+/// Micro-tile width in f32 columns.
+pub const NR: usize = 16 * NV;
 const MB: usize = 128;
 const NB: usize = 4 * NR;
 const KC: usize = 128;
