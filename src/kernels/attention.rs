@@ -425,9 +425,9 @@ mod x86 {
 
     /// The f32 path's softmax down the columns of `Sᵀ` (`lk` rows of keys, `ld` apart; column
     /// `r` < `n` is query r): each column becomes `exp(scale·s − scale·max)`, its sum goes to
-    /// `sums[r]` (the division is left to the output). The same arithmetic as
-    /// [`super::super::simd::exp_row`] per element (degree-6 `exp2`, the max subtracted first),
-    /// but every lane is its own query, so the max and the sum need no reduction across lanes.
+    /// `sums[r]` (the division is left to the output). Each weight is
+    /// [`super::super::simd::exp_below_max`], as in the row softmax, but every lane is its own
+    /// query, so the max and the sum need no reduction across lanes.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `s` holds `lk` rows of `ld ≥ n` values.
@@ -468,12 +468,7 @@ mod x86 {
                 let rp = p.add(j * ld + v0);
                 for i in 0..nv {
                     let x = _mm512_maskz_loadu_ps(masks[i], rp.add(16 * i));
-                    // Far below the max the weight is 0 (and −∞ logits stay NaN-free).
-                    let t = _mm512_max_ps(
-                        _mm512_mul_ps(_mm512_sub_ps(x, mx[i]), c),
-                        _mm512_set1_ps(-150.0),
-                    );
-                    let e = super::super::simd::exp2_avx512::<6>(t);
+                    let e = super::super::simd::exp_below_max(x, mx[i], c);
                     _mm512_mask_storeu_ps(rp.add(16 * i), masks[i], e);
                     acc[i] = _mm512_mask_add_ps(acc[i], masks[i], acc[i], e);
                 }

@@ -109,6 +109,27 @@ pub(crate) fn exp2_avx512<const DEGREE: usize>(
     _mm512_scalef_ps(p, n)
 }
 
+/// The f32 softmax's weight of 16 logits `x` below their maxima `mx`: `2^((x − mx)·c)` with
+/// `c = scale·log₂e`, the max subtracted before scaling (exact near the max for logits of any
+/// size), degree-6 `exp2`. Shared by [`exp_row`] and the transposed attention's column softmax,
+/// so that both f32 attention layouts weigh keys identically.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn exp_below_max(
+    x: std::arch::x86_64::__m512,
+    mx: std::arch::x86_64::__m512,
+    c: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // Far below the max the weight is 0 (and −∞ logits stay NaN-free).
+    let t = _mm512_max_ps(
+        _mm512_mul_ps(_mm512_sub_ps(x, mx), c),
+        _mm512_set1_ps(-150.0),
+    );
+    exp2_avx512::<6>(t)
+}
+
 /// [`exp_row`] on AVX-512 intrinsics: `exp(scale·(x − max)) = 2^((x − max)·scale·log₂e)`, the
 /// power as `2ⁿ·2^f` with `|f| ≤ ½`, `2^f` by its degree-6 Taylor polynomial (≤ 1.2·10⁻⁷) and
 /// `vscalefps` for the `2ⁿ`: 12 instructions a vector where [`exp_f32`], auto-vectorised, took
@@ -144,14 +165,7 @@ unsafe fn exp_row_avx512(row: &mut [f32], scale: f32) -> f32 {
     }
     let mv = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(m0, m1)));
     let c = _mm512_set1_ps(scale * std::f32::consts::LOG2_E);
-    let exp = |x: __m512| {
-        // Far below the max the weight is 0 (and −∞ logits stay NaN-free).
-        let t = _mm512_max_ps(
-            _mm512_mul_ps(_mm512_sub_ps(x, mv), c),
-            _mm512_set1_ps(-150.0),
-        );
-        exp2_avx512::<6>(t)
-    };
+    let exp = |x: __m512| exp_below_max(x, mv, c);
     let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     let mut i = 0;
     while i + 32 <= whole {
