@@ -199,6 +199,27 @@ pub fn conv2d_fast(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize) -
     x.contiguous()?.apply_op1_no_bwd(&op)
 }
 
+/// The Winograd tile for a 3×3 layer given what [`winograd::pays`] offers and, for bf16 pair
+/// weights, the kernel that would run their taps. Winograd's GEMMs are f32 (rounding its
+/// transformed operands to bf16 costs 10× a bf16 convolution's error with F(4×4): simulated
+/// against a float64 direct convolution, rms 2.4e-2 vs 2.4e-3), so bf16 taps win wherever they
+/// multiply fast enough:
+/// * AMX: always (see the measurements at the call).
+/// * `vdpbf16ps` (Zen 4 runs it at twice the f32 FMA's flop rate): nine taps at twice the rate
+///   cost 4.5 f32 multiplies per output against F(2×2)'s 4 plus its transforms. Zen 4, 2 cores,
+///   `examples/wbench` 2×1280→1280 at 16², three runs: taps 47.7–79.3 ms, F(2×2) 62.7–100.4.
+///   F(4×4)'s 2.25 still pays (2×320 at 64²: 37.7 vs 53 ms).
+fn winograd_tile(
+    offered: Option<winograd::Tile>,
+    pairs: Option<bf16::Kernel>,
+) -> Option<winograd::Tile> {
+    match (offered, pairs) {
+        (_, Some(bf16::Kernel::Amx)) => None,
+        (Some(winograd::Tile::F2), Some(bf16::Kernel::Dot)) => None,
+        (t, _) => t,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Form {
     F32,
@@ -575,9 +596,9 @@ impl CustomOp1 for TapsOp {
         // (1×256@256² 111–148 vs 162–175 ms, 1×128@512² 157–168 vs 190–228, 1×512@128²
         // 91–139 vs 121–145: two runs).
         let amx = bf16::kernel() == bf16::Kernel::Amx;
-        let amx_taps = amx && matches!(pc.w, TapWeights::Pairs(_) | TapWeights::Panels(_));
-        let tile = (self.winograd && kh == 3 && kw == 3 && p == 1 && !amx_taps)
-            .then(|| winograd::pays(n, h, wd))
+        let pairs = matches!(pc.w, TapWeights::Pairs(_) | TapWeights::Panels(_));
+        let tile = (self.winograd && kh == 3 && kw == 3 && p == 1)
+            .then(|| winograd_tile(winograd::pays(n, h, wd), pairs.then(bf16::kernel)))
             .flatten();
         if let Some(tile) = tile {
             let taps = match &pc.w {
@@ -660,6 +681,23 @@ impl CustomOp1 for TapsOp {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn bf16_taps_replace_the_winograd_tiles_they_beat() {
+        use bf16::Kernel::{Amx, Dot, Fallback};
+        use winograd::Tile::{F2, F4};
+        // f32 weights, and bf16 pairs without a bf16 kernel: whatever Winograd offers.
+        for k in [None, Some(Fallback)] {
+            assert_eq!(winograd_tile(Some(F4), k), Some(F4));
+            assert_eq!(winograd_tile(Some(F2), k), Some(F2));
+            assert_eq!(winograd_tile(None, k), None);
+        }
+        // vdpbf16ps taps beat F(2×2), not F(4×4); AMX taps beat both.
+        assert_eq!(winograd_tile(Some(F4), Some(Dot)), Some(F4));
+        assert_eq!(winograd_tile(Some(F2), Some(Dot)), None);
+        assert_eq!(winograd_tile(Some(F4), Some(Amx)), None);
+        assert_eq!(winograd_tile(Some(F2), Some(Amx)), None);
+    }
 
     /// (batch, in, out, height, width, kernel, padding): odd channel counts (bf16 pairs with a
     /// zero), 1×1 with and without padding, kernels larger than 3, batches stacked on a canvas.
