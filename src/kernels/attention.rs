@@ -13,11 +13,33 @@ use rayon::prelude::*;
 
 struct Sdpa {
     scale: f32,
-    /// Products on AMX bf16 tiles (a bf16 model on a CPU that has them).
-    amx: bool,
+    products: Products,
     /// Heads side by side in the last dimension (`(batch, len, heads·d)`, the projections'
     /// own layout; AMX path only); 1 for `(batch·heads, len, d)`.
     heads: usize,
+}
+
+/// What multiplies the attention's two products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Products {
+    /// f32 (the f32 model, and CPUs without a bf16 kernel).
+    F32,
+    /// AMX bf16 tiles (a bf16 model on a CPU that has them).
+    Amx,
+    /// `vdpbf16ps` (a bf16 model on a CPU where [`bf16::kernel`] picks it: Zen 4 runs it at
+    /// twice the f32 FMA's flop rate).
+    Dot,
+}
+
+/// The products of a bf16 model's attention on this CPU.
+fn bf16_products() -> Products {
+    if amx_attention() {
+        Products::Amx
+    } else if bf16::kernel() == bf16::Kernel::Dot && tiled::f32_native() {
+        Products::Dot
+    } else {
+        Products::F32
+    }
 }
 
 /// Query rows per task: enough to make the two GEMMs efficient, small enough that the score
@@ -29,14 +51,14 @@ fn query_block(lk: usize) -> usize {
 /// `softmax(q kᵀ · scale) v` for f32 (batch, len, dim) tensors; other dtypes/devices use candle
 /// ops (materialising the scores).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    attention_with(q, k, v, scale, false)
+    attention_with(q, k, v, scale, Products::F32)
 }
 
 /// [`attention`] for a bf16 model: where AMX runs, both products take bf16 operands (Q, K, V
 /// and the softmax weights rounded to bf16, f32 accumulation and softmax), as torch's bf16
 /// attention does; elsewhere the f32 path.
 pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    attention_with(q, k, v, scale, amx_attention())
+    attention_with(q, k, v, scale, bf16_products())
 }
 
 /// [`attention_bf16`] on the projections' own layout: `q` (batch, queries, heads·d), `k` and
@@ -76,8 +98,8 @@ fn heads_with(
     bf16: bool,
 ) -> Result<Tensor> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    let amx = bf16 && amx_attention();
-    let in_place = if bf16 { amx } else { tiled::f32_native() };
+    let products = if bf16 { bf16_products() } else { Products::F32 };
+    let in_place = products == Products::Amx || tiled::f32_native();
     let (_, _, dq) = q.dims3()?;
     let (_, _, dvv) = v.dims3()?;
     if in_place
@@ -87,7 +109,7 @@ fn heads_with(
         && dq.is_multiple_of(heads)
         && dvv.is_multiple_of(heads)
     {
-        return sdpa(q, k, v, scale, amx, heads);
+        return sdpa(q, k, v, scale, products, heads);
     }
     let split = |x: &Tensor| -> Result<Tensor> {
         let (b, l, hd) = x.dims3()?;
@@ -119,19 +141,32 @@ fn amx_attention() -> bool {
     false
 }
 
-fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, amx: bool) -> Result<Tensor> {
+fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    products: Products,
+) -> Result<Tensor> {
     if q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
-        return sdpa(q, k, v, scale, amx, 1);
+        return sdpa(q, k, v, scale, products, 1);
     }
     reference(q, k, v, scale)
 }
 
 /// Easel's kernel on f32 CPU tensors (made contiguous).
-fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, amx: bool, heads: usize) -> Result<Tensor> {
+fn sdpa(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    products: Products,
+    heads: usize,
+) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let op = Sdpa {
         scale: scale as f32,
-        amx,
+        products,
         heads,
     };
     q.apply_op3_no_bwd(&k, &v, &op)
@@ -282,6 +317,122 @@ impl Sdpa {
 
 #[cfg(target_arch = "x86_64")]
 impl Sdpa {
+    /// [`Sdpa::tiled`]'s transposed form on `vdpbf16ps` ([`tiled`]'s bf16 tile): `Sᵀ = K·Qᵀ`
+    /// with K and Qᵀ as bf16 pairs along the head dimension, the column softmax in f32, then
+    /// `Oᵀ = Vᵀ·Sᵀ` with Vᵀ and the weights as pairs of adjacent keys. Q, K, V and the
+    /// weights are rounded to bf16 (f32 accumulation), as on AMX and in torch's bf16
+    /// attention; on Zen 4 each product runs at twice the f32 tile's flop rate.
+    fn dot(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (b, lq, lk, d, dv): (usize, usize, usize, usize, usize),
+    ) -> Vec<f32> {
+        use super::tiled::x86::Bf16Dot;
+        let row = |bi, len, r, w| self.row(bi, len, r, w);
+        let (dp, kp) = (d.div_ceil(2), lk.div_ceil(2));
+        // K as pairs per head (lk × dp), and Vᵀ as key pairs (dv rows of `ld`), built once.
+        let kpairs = super::par_filled(b * lk * dp, lk * dp, |bi, dst: &mut [u32]| {
+            for (j, dst) in dst.chunks_exact_mut(dp).enumerate() {
+                pair_adjacent(&k[row(bi, lk, j, d)..][..d], dst);
+            }
+        });
+        let ld = padded(kp);
+        let vt = super::par_filled(b * dv * ld, dv * ld, |bi, dst: &mut [u32]| {
+            let mut col = vec![0f32; lk];
+            for (c, dst) in dst.chunks_exact_mut(ld).enumerate() {
+                for (j, x) in col.iter_mut().enumerate() {
+                    *x = v[row(bi, lk, j, dv) + c];
+                }
+                pair_adjacent(&col, dst);
+            }
+        });
+        let w = tiled::NR;
+        let qb = ((1 << 20) / (lk.max(1) * 4) / w * w).clamp(w, 10 * w);
+        let nblk = lq.div_ceil(qb);
+        let mut out = super::par_zeroed::<f32>(b * lq * dv);
+        let dst = SendPtr(out.as_mut_ptr());
+        (0..b * nblk).into_par_iter().for_each_init(
+            // Each written before it is read: Qᵀ's pairs, Sᵀ and Oᵀ by overwriting products,
+            // the weights' pairs by `pair_rows` (columns past the block's queries unread).
+            || {
+                (
+                    super::Scratch::take(dp * qb),
+                    super::Scratch::take(lk * qb),
+                    super::Scratch::take(kp * qb),
+                    super::Scratch::take(dv * qb),
+                    vec![0f32; qb],
+                )
+            },
+            |(qt, st, sp, ot, sums), task| {
+                let (st, ot) = (st.f32(), ot.f32());
+                let (bi, blk) = (task / nblk, task % nblk);
+                let r0 = blk * qb;
+                let rows = qb.min(lq - r0);
+                for r in 0..rows {
+                    let qr = &q[row(bi, lq, r0 + r, d)..][..d];
+                    for c in 0..dp {
+                        let hi = if 2 * c + 1 < d { qr[2 * c + 1] } else { 0.0 };
+                        qt[c * qb + r] = bf16::pair(qr[2 * c], hi);
+                    }
+                }
+                let s_dims = Dims {
+                    m: lk,
+                    n: rows,
+                    k: dp,
+                    lda: dp,
+                    ldb: qb,
+                    ldc: qb,
+                };
+                let o_dims = Dims {
+                    m: dv,
+                    n: rows,
+                    k: kp,
+                    lda: ld,
+                    ldb: qb,
+                    ldc: qb,
+                };
+                // SAFETY: K pairs lk × dp of head bi, Qᵀ pairs dp × rows (qb apart), Sᵀ lk ×
+                // rows, its pairs kp × rows, Vᵀ pairs dv × kp (ld apart) of head bi, Oᵀ dv ×
+                // rows: all inside their buffers; output rows r0..r0+rows of head bi are this
+                // task's alone. AVX-512F and AVX-512 BF16 run (`Products::Dot`).
+                unsafe {
+                    tiled::gemm_on::<Bf16Dot>(
+                        s_dims,
+                        &[(0, 0)],
+                        kpairs.as_ptr().add(bi * lk * dp),
+                        qt.as_ptr(),
+                        st.as_mut_ptr(),
+                        false,
+                        true,
+                    );
+                    x86::softmax_cols(st, lk, qb, rows, self.scale, sums);
+                    x86::pair_rows(st, lk, qb, rows, sp);
+                    tiled::gemm_on::<Bf16Dot>(
+                        o_dims,
+                        &[(0, 0)],
+                        vt.as_ptr().add(bi * dv * ld),
+                        sp.as_ptr(),
+                        ot.as_mut_ptr(),
+                        false,
+                        true,
+                    );
+                    let dst = &dst;
+                    for (r, &s) in sums[..rows].iter().enumerate() {
+                        let o =
+                            std::slice::from_raw_parts_mut(dst.0.add(row(bi, lq, r0 + r, dv)), dv);
+                        let inv = 1.0 / s;
+                        for (c, x) in o.iter_mut().enumerate() {
+                            *x = ot[c * qb + r] * inv;
+                        }
+                    }
+                }
+            },
+        );
+        out
+    }
+
     /// Both products on AMX tiles ([`amx::Tiles`]), 32 queries per task. Everything a tile
     /// touches is stored as 32-wide panels, contiguous: Kᵀ per block of 32 keys (head-dim pairs
     /// × 32), the scores per block of 32 keys (32 × 32 f32), the softmax weights per 16 key
@@ -353,7 +504,7 @@ impl Sdpa {
                     }
                 }
                 let mut sums = [0f32; W];
-                // SAFETY: AMX runs (`self.amx`, which also means AVX-512 BF16); Q pairs 32 × dp,
+                // SAFETY: AMX runs (`Products::Amx`, which also means AVX-512 BF16); Q pairs 32 × dp,
                 // nb Kᵀ panels dp × 32 of head bi, nb score panels 32 × 32, nb weight panels
                 // 32 × 16 pairs, V pairs kp × dvp of head bi, the output block 32 × dvp: every
                 // tile read or written lies inside them.
@@ -421,6 +572,48 @@ mod x86 {
             p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
         }
         _mm512_maskz_scalef_ps(keep, p, n)
+    }
+
+    /// Rows `2j` and `2j + 1` of `st` (keys × `qb` query lanes, `rows` of them live) as pair
+    /// row `j` of `sp` (`ceil(lk/2)` rows of `qb`): each lane holds the two keys' weights
+    /// rounded to bf16 (to nearest even, as [`crate::kernels::bf16::to_bf16`]; weights are
+    /// finite), the even key low; an odd last key is paired with 0.
+    ///
+    /// # Safety
+    /// AVX-512F runs; `st` holds `lk × qb`, `sp` `ceil(lk/2) × qb`, `rows ≤ qb`, and `qb` is a
+    /// multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pair_rows(st: &[f32], lk: usize, qb: usize, rows: usize, sp: &mut [u32]) {
+        debug_assert!(qb.is_multiple_of(16) && rows <= qb);
+        debug_assert!(st.len() >= lk * qb && sp.len() >= lk.div_ceil(2) * qb);
+        let one = _mm512_set1_epi32(1);
+        let half = _mm512_set1_epi32(0x7FFF);
+        let top = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        // b + 0x7FFF + (bit 16 of b): the bf16 rounding, in the upper half.
+        let round = |x: __m512i| {
+            _mm512_add_epi32(
+                _mm512_add_epi32(x, half),
+                _mm512_and_si512(_mm512_srli_epi32::<16>(x), one),
+            )
+        };
+        let lanes = rows.next_multiple_of(16);
+        for j in 0..lk.div_ceil(2) {
+            let (lo, hi) = (
+                st.as_ptr().add(2 * j * qb),
+                st.as_ptr().add((2 * j + 1) * qb),
+            );
+            let out = sp.as_mut_ptr().add(j * qb);
+            for r in (0..lanes).step_by(16) {
+                let a = round(_mm512_loadu_si512(lo.add(r) as *const _));
+                let b = if 2 * j + 1 < lk {
+                    _mm512_and_si512(round(_mm512_loadu_si512(hi.add(r) as *const _)), top)
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let p = _mm512_or_si512(_mm512_srli_epi32::<16>(a), b);
+                _mm512_storeu_si512(out.add(r) as *mut _, p);
+            }
+        }
     }
 
     /// The f32 path's softmax down the columns of `Sᵀ` (`lk` rows of keys, `ld` apart; column
@@ -581,12 +774,18 @@ impl CustomOp3 for Sdpa {
             f32_slice(s3, l3, "sdpa")?,
         );
         let h = self.heads;
-        if h != 1 && (!(self.amx || tiled::f32_native()) || d % h != 0 || dv % h != 0) {
+        let amx = self.products == Products::Amx;
+        if h != 1 && (!(amx || tiled::f32_native()) || d % h != 0 || dv % h != 0) {
             candle_core::bail!("sdpa: {h} heads do not split {d} / {dv}, or no tile kernel");
         }
         #[cfg(target_arch = "x86_64")]
-        if self.amx {
+        if amx {
             let out = self.amx(q, k, v, (b * h, lq, lk, d / h, dv / h));
+            return Ok((CpuStorage::F32(out), Shape::from((b, lq, dv))));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.products == Products::Dot {
+            let out = self.dot(q, k, v, (b * h, lq, lk, d / h, dv / h));
             return Ok((CpuStorage::F32(out), Shape::from((b, lq, dv))));
         }
         #[cfg(target_arch = "x86_64")]
@@ -703,6 +902,53 @@ mod tests {
                 assert!(err > 1e-5, "{shape:?}: {err} (f32 path?)");
             }
         }
+        Ok(())
+    }
+
+    /// The `vdpbf16ps` path, as the AMX one: bf16 rounding of Q, K, V and the weights, every
+    /// padding (odd head dimensions and key counts, a query block's last lanes), heads side by
+    /// side or split.
+    #[test]
+    fn dot_matches_candle_within_bf16_rounding() -> Result<()> {
+        if !(bf16::native() && tiled::f32_native()) {
+            eprintln!("note: no AVX-512 BF16 here; the vdpbf16ps attention is not exercised");
+            return Ok(());
+        }
+        let shapes = [
+            (1, 1, 1, 1, 1),
+            (3, 37, 77, 40, 40),
+            (2, 300, 300, 17, 9),
+            (2, 256, 1024, 80, 80),
+            (1, 70, 64, 160, 160),
+            (2, 33, 51, 24, 8),
+        ];
+        let dot = |q: &Tensor, k: &Tensor, v: &Tensor, scale: f64| {
+            attention_with(q, k, v, scale, Products::Dot)
+        };
+        for (shape, err) in errors(&shapes, dot)? {
+            assert!(err < 3e-2, "{shape:?}: {err}");
+            if shape.2 > 1 {
+                assert!(err > 1e-5, "{shape:?}: {err} (f32 path?)");
+            }
+        }
+        let dev = Device::Cpu;
+        let (b, lq, lk, h, d) = (2, 37, 77, 8, 40);
+        let q = Tensor::randn(0f32, 1.0, (b, lq, h * d), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (b, lk, h * d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (b, lk, h * d), &dev)?;
+        let split = |x: &Tensor| -> Result<Tensor> {
+            let (b, l, hd) = x.dims3()?;
+            x.reshape((b, l, h, hd / h))?
+                .transpose(1, 2)?
+                .reshape((b * h, l, hd / h))
+        };
+        let side = sdpa(&q, &k, &v, 0.15, Products::Dot, h)?;
+        let apart = dot(&split(&q)?, &split(&k)?, &split(&v)?, 0.15)?
+            .reshape((b, h, lq, d))?
+            .transpose(1, 2)?
+            .reshape((b, lq, h * d))?;
+        let err = crate::kernels::max_abs_diff(&side, &apart)?;
+        assert!(err == 0.0, "heads side by side vs split: {err}");
         Ok(())
     }
 
