@@ -110,15 +110,23 @@ impl Taps<'_> {
                 }
             }
             Taps::Pairs(w) => {
+                // Row by row of `cin` (a division per element was most of the bf16 weight
+                // transform, which runs on every call).
                 let cp = cin.div_ceil(2);
-                for (j, d) in dst.iter_mut().enumerate() {
-                    let (co, ci) = ((e0 + j) / cin, (e0 + j) % cin);
-                    let pair = w[(t * cout + co) * cp + ci / 2];
-                    *d = f32::from_bits(if ci % 2 == 0 {
-                        pair << 16
-                    } else {
-                        pair & 0xFFFF_0000
-                    });
+                let (mut e, mut j) = (e0, 0);
+                while j < dst.len() {
+                    let (co, ci) = (e / cin, e % cin);
+                    let n = (cin - ci).min(dst.len() - j);
+                    let row = &w[(t * cout + co) * cp..][..cp];
+                    for (c, d) in (ci..ci + n).zip(&mut dst[j..j + n]) {
+                        let pair = row[c / 2];
+                        *d = f32::from_bits(if c % 2 == 0 {
+                            pair << 16
+                        } else {
+                            pair & 0xFFFF_0000
+                        });
+                    }
+                    (e, j) = (e + n, j + n);
                 }
             }
         }
