@@ -183,6 +183,40 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     xs.matmul(&v)?.to_dtype(in_dtype)
 }
 
+/// Queries per task of the transposed attentions, in whole tiles of 48 lanes: the Sᵀ block
+/// (≤ 1 MiB) stays in L2.
+fn lane_block(lk: usize) -> usize {
+    let w = tiled::NR;
+    ((1 << 20) / (lk.max(1) * 4) / w * w).clamp(w, 10 * w)
+}
+
+impl Sdpa {
+    /// Oᵀ (`dv` rows of `qb` query lanes) back to query rows `r0..` of head `bi` in `dst`, with
+    /// the softmax's division by each query's sum.
+    ///
+    /// # Safety
+    /// Those output rows lie inside `dst`'s buffer and are the caller's alone.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn store_rows(
+        &self,
+        dst: &SendPtr<f32>,
+        ot: &[f32],
+        sums: &[f32],
+        (bi, lq, r0, dv, qb): (usize, usize, usize, usize, usize),
+    ) {
+        for (r, &s) in sums.iter().enumerate() {
+            // SAFETY: the caller's promise.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(dst.0.add(self.row(bi, lq, r0 + r, dv)), dv)
+            };
+            let inv = 1.0 / s;
+            for (c, x) in o.iter_mut().enumerate() {
+                *x = ot[c * qb + r] * inv;
+            }
+        }
+    }
+}
+
 /// A row stride of at least `n` floats that is not a multiple of 1 KiB (L1 set aliasing).
 fn padded(n: usize) -> usize {
     if n >= 256 && n.is_multiple_of(256) {
@@ -230,9 +264,7 @@ impl Sdpa {
                 }
             }
         });
-        // Queries per task, in whole tiles of 48 lanes: the Sᵀ block (≤ 1 MiB) stays in L2.
-        let w = tiled::NR;
-        let qb = ((1 << 20) / (lk.max(1) * 4) / w * w).clamp(w, 10 * w);
+        let qb = lane_block(lk);
         let nblk = lq.div_ceil(qb);
         let mut out = super::par_zeroed::<f32>(b * lq * dv);
         let dst = SendPtr(out.as_mut_ptr());
@@ -298,16 +330,7 @@ impl Sdpa {
                         false,
                         true,
                     );
-                    // Oᵀ back to rows, with the softmax's division.
-                    let dst = &dst;
-                    for (r, &s) in sums[..rows].iter().enumerate() {
-                        let o =
-                            std::slice::from_raw_parts_mut(dst.0.add(row(bi, lq, r0 + r, dv)), dv);
-                        let inv = 1.0 / s;
-                        for (c, x) in o.iter_mut().enumerate() {
-                            *x = ot[c * qb + r] * inv;
-                        }
-                    }
+                    self.store_rows(&dst, ot, &sums[..rows], (bi, lq, r0, dv, qb));
                 }
             },
         );
@@ -348,8 +371,7 @@ impl Sdpa {
                 pair_adjacent(&col, dst);
             }
         });
-        let w = tiled::NR;
-        let qb = ((1 << 20) / (lk.max(1) * 4) / w * w).clamp(w, 10 * w);
+        let qb = lane_block(lk);
         let nblk = lq.div_ceil(qb);
         let mut out = super::par_zeroed::<f32>(b * lq * dv);
         let dst = SendPtr(out.as_mut_ptr());
@@ -418,15 +440,7 @@ impl Sdpa {
                         false,
                         true,
                     );
-                    let dst = &dst;
-                    for (r, &s) in sums[..rows].iter().enumerate() {
-                        let o =
-                            std::slice::from_raw_parts_mut(dst.0.add(row(bi, lq, r0 + r, dv)), dv);
-                        let inv = 1.0 / s;
-                        for (c, x) in o.iter_mut().enumerate() {
-                            *x = ot[c * qb + r] * inv;
-                        }
-                    }
+                    self.store_rows(&dst, ot, &sums[..rows], (bi, lq, r0, dv, qb));
                 }
             },
         );
