@@ -26,8 +26,8 @@ enum Products {
     F32,
     /// AMX bf16 tiles (a bf16 model on a CPU that has them).
     Amx,
-    /// `vdpbf16ps` (a bf16 model on a CPU where [`bf16::kernel`] picks it: Zen 4 runs it at
-    /// twice the f32 FMA's flop rate).
+    /// `vdpbf16ps` (a bf16 model whose products take the [`bf16::Path::Dot`] path on that
+    /// kernel: Zen 4 runs it at twice the f32 FMA's flop rate; not where `widen` is chosen).
     Dot,
 }
 
@@ -35,7 +35,10 @@ enum Products {
 fn bf16_products() -> Products {
     if amx_attention() {
         Products::Amx
-    } else if bf16::kernel() == bf16::Kernel::Dot && tiled::f32_native() {
+    } else if bf16::path() == bf16::Path::Dot
+        && bf16::kernel() == bf16::Kernel::Dot
+        && tiled::f32_native()
+    {
         Products::Dot
     } else {
         Products::F32

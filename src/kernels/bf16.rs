@@ -131,8 +131,9 @@ pub enum Kernel {
     Fallback,
 }
 
-/// AMX where it runs unless `EASEL_BF16_GEMM` asks for `dot` or `widen` (which then keeps the
-/// bf16 model's attention f32 as well), else `vdpbf16ps` where that runs.
+/// AMX where it runs unless `EASEL_BF16_GEMM` asks for `dot` or `widen`, else `vdpbf16ps`
+/// where that runs. A bf16 model's attention follows: on AMX, on `vdpbf16ps` where the
+/// [`Path`] is `Dot`, in f32 on `widen`.
 pub fn kernel() -> Kernel {
     static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
