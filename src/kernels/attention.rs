@@ -15,7 +15,7 @@ struct Sdpa {
     scale: f32,
     products: Products,
     /// Heads side by side in the last dimension (`(batch, len, heads·d)`, the projections'
-    /// own layout; AMX path only); 1 for `(batch·heads, len, d)`.
+    /// own layout; the tile paths only); 1 for `(batch·heads, len, d)`.
     heads: usize,
 }
 
@@ -57,18 +57,18 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     attention_with(q, k, v, scale, Products::F32)
 }
 
-/// [`attention`] for a bf16 model: where AMX runs, both products take bf16 operands (Q, K, V
-/// and the softmax weights rounded to bf16, f32 accumulation and softmax), as torch's bf16
-/// attention does; elsewhere the f32 path.
+/// [`attention`] for a bf16 model: on AMX or `vdpbf16ps` ([`bf16_products`]) both products
+/// take bf16 operands (Q, K, V and the softmax weights rounded to bf16, f32 accumulation and
+/// softmax), as torch's bf16 attention does; elsewhere the f32 path.
 pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     attention_with(q, k, v, scale, bf16_products())
 }
 
 /// [`attention_bf16`] on the projections' own layout: `q` (batch, queries, heads·d), `k` and
-/// `v` (batch, keys, heads·d and heads·dv) → (batch, queries, heads·dv). On AMX the kernel
-/// reads and writes that layout in place (splitting and merging the heads were four strided
-/// copies of every activation per attention); elsewhere the heads are split for
-/// [`attention_bf16`] and merged after.
+/// `v` (batch, keys, heads·d and heads·dv) → (batch, queries, heads·dv). On AMX, and wherever
+/// the AVX-512 tiles run, the kernel reads and writes that layout in place (splitting and
+/// merging the heads were four strided copies of every activation per attention); elsewhere the
+/// heads are split for [`attention_bf16`] and merged after.
 pub fn attention_bf16_heads(
     q: &Tensor,
     k: &Tensor,
